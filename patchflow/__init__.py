@@ -1,0 +1,17 @@
+"""patchflow: train and sample diffusion transformers."""
+__version__ = "0.1.0"
+
+
+def load(run_dir, ema: bool = True, device="cpu"):
+    """The trained model of a run directory as an nn.Module (EMA weights by default)."""
+    from patchflow.pipeline import load as _load
+
+    return _load(run_dir, ema=ema, device=device)
+
+
+def __getattr__(name):
+    if name == "Pipeline":
+        from patchflow.pipeline import Pipeline
+
+        return Pipeline
+    raise AttributeError(name)

@@ -1,0 +1,5 @@
+import sys
+
+from patchflow.cli import main
+
+sys.exit(main())

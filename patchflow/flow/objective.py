@@ -1,0 +1,67 @@
+"""The training objective and its sampler behind one small interface, so the trainer and the pipeline
+never branch on flow vs diffusion. model_fn(x, t) always takes t in the model's units (0..1000)."""
+from __future__ import annotations
+
+import torch
+
+from patchflow.config import FlowConfig
+from patchflow.flow import rectified, samplers
+from patchflow.flow.ddpm import GaussianDiffusion
+
+
+class RectifiedFlowObjective:
+    t_max = rectified.TIME_SCALE
+
+    def __init__(self, cfg: FlowConfig):
+        self.cfg = cfg
+
+    def loss(self, model_fn, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-sample loss (B,)."""
+        c = self.cfg
+        t = rectified.sample_timesteps(x0.shape[0], c.timestep_sampling, logit_mean=c.logit_mean,
+                                       logit_std=c.logit_std, mode_scale=c.mode_scale, generator=generator,
+                                       device=x0.device)
+        t = rectified.shift_timesteps(t, c.shift)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return rectified.flow_loss(lambda x, s: model_fn(x, s * self.t_max), x0, noise, t)
+
+    def sample(self, model_fn, noise: torch.Tensor, steps: int, sampler: str = "euler", progress=None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Integrate the learned ODE from noise (t=1) to data (t=0)."""
+        step = {"euler": samplers.euler, "heun": samplers.heun}.get(sampler)
+        if step is None:
+            raise ValueError(f"unknown flow sampler {sampler!r}; choose one of: {', '.join(samplers.SAMPLERS)}")
+        return step(lambda x, t: model_fn(x, t * self.t_max), noise, samplers.flow_timesteps(steps, self.cfg.shift),
+                    progress=progress)
+
+
+class DiffusionObjective:
+    t_max = 1000.0
+
+    def __init__(self, cfg: FlowConfig, learn_sigma: bool):
+        self.diffusion = GaussianDiffusion.linear(cfg.num_timesteps, learn_sigma=learn_sigma)
+        self.t_max = float(cfg.num_timesteps)
+
+    def loss(self, model_fn, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        t = self.diffusion.sample_timesteps(x0.shape[0], generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return self.diffusion.training_losses(model_fn, x0, t, noise)["loss"]
+
+    def sample(self, model_fn, noise: torch.Tensor, steps: int, sampler: str = "ddpm", progress=None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Ancestral DDPM or DDIM (eta 0) on `steps` respaced timesteps; `generator` (on noise's device) draws
+        the ancestral noise."""
+        diffusion = self.diffusion.respace(steps)
+        progress = progress or False
+        if sampler == "ddpm":
+            return diffusion.p_sample_loop(model_fn, noise.shape, noise=noise, generator=generator, progress=progress)
+        if sampler == "ddim":
+            return diffusion.ddim_sample_loop(model_fn, noise.shape, noise=noise, generator=generator,
+                                              progress=progress)
+        raise ValueError(f"unknown diffusion sampler {sampler!r}; choose one of: 'ddpm', 'ddim'")
+
+
+def build_objective(cfg: FlowConfig, learn_sigma: bool = False):
+    if cfg.objective == "rectified":
+        return RectifiedFlowObjective(cfg)
+    return DiffusionObjective(cfg, learn_sigma)

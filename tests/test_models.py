@@ -1,0 +1,117 @@
+import pytest
+import torch
+
+from patchflow.models.dit import DiT, DiTConfig
+from patchflow.models.embed import patchify, sincos_3d, timestep_frequencies, unpatchify
+
+
+def tiny(**kw):
+    base = dict(input_size=8, in_channels=3, patch_size=2, hidden_size=32, depth=2, num_heads=4, num_classes=5)
+    return DiTConfig(**{**base, **kw})
+
+
+def randomize(model):
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+@pytest.mark.parametrize("patch", [(1, 2, 2), (2, 4, 4), (1, 1, 1)])
+def test_patchify_roundtrip(patch):
+    x = torch.randn(2, 3, 4, 8, 8)
+    grid = (4 // patch[0], 8 // patch[1], 8 // patch[2])
+    tokens = patchify(x, patch)
+    assert tokens.shape == (2, grid[0] * grid[1] * grid[2], 3 * patch[0] * patch[1] * patch[2])
+    # patchify orders (c, pt, ph, pw) like a conv weight; unpatchify expects channel-last (pt, ph, pw, c)
+    back = unpatchify(tokens.unflatten(-1, (3, -1)).transpose(-1, -2).flatten(-2), grid, patch)
+    assert torch.equal(back, x)
+
+
+def test_patch_embed_equals_strided_conv():
+    model = randomize(DiT(tiny()))
+    x = torch.randn(2, 3, 8, 8)
+    w = model.x_embedder.proj.weight.reshape(32, 3, 2, 2)
+    conv = torch.nn.functional.conv2d(x, w, model.x_embedder.proj.bias, stride=2).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(model.x_embedder(x[:, :, None]), conv, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_shapes_image_and_video():
+    model = randomize(DiT(tiny(learn_sigma=True)))
+    x = torch.randn(2, 3, 8, 8)
+    t, y = torch.tensor([0.0, 999.0]), torch.tensor([0, 5])  # 5 is the null class
+    out4 = model(x, t, y)
+    assert out4.shape == (2, 6, 8, 8)
+    out5 = model(x[:, :, None], t, y)
+    assert out5.shape == (2, 6, 1, 8, 8)
+    torch.testing.assert_close(out5[:, :, 0], out4)
+    assert model(torch.randn(2, 3, 3, 8, 12), t, y).shape == (2, 6, 3, 8, 12)  # frames and aspect ratio
+
+
+def test_zero_init_outputs_zero():
+    model = DiT(tiny())
+    out = model(torch.randn(2, 3, 8, 8), torch.tensor([1.0, 2.0]), torch.tensor([1, 2]))
+    assert torch.count_nonzero(out) == 0  # adaLN-Zero: output layer starts at zero
+
+
+def test_sincos_table_matches_dit_recipe():
+    import numpy as np
+
+    d, h, w = 16, 3, 5
+    omega = 1.0 / 10000 ** (np.arange(d // 4) / (d / 4))
+
+    def one(pos):
+        out = np.outer(pos, omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    ref = np.concatenate([one(cols.ravel()), one(rows.ravel())], axis=1)
+    np.testing.assert_allclose(sincos_3d(d, (1, h, w)).numpy(), ref, atol=1e-6)
+    video = sincos_3d(d, (2, h, w))
+    assert not torch.allclose(video[: h * w], video[h * w:])  # frames are told apart
+
+
+def test_timestep_frequencies():
+    f = timestep_frequencies(256)
+    assert f[0] == 1 and torch.isclose(f[-1], torch.tensor(10000 ** (-127 / 128)))
+    f1 = timestep_frequencies(256, freq_shift=1)
+    assert torch.isclose(f1[-1], torch.tensor(1e-4))
+
+
+def test_label_dropout_only_in_training():
+    model = DiT(tiny(class_dropout_prob=0.5))
+    emb = model.y_embedder
+    y = torch.zeros(4000, dtype=torch.long)
+    emb.train()
+    dropped = (emb(y) == emb.embedding_table.weight[5]).all(1).float().mean()
+    assert 0.45 < dropped < 0.55
+    emb.eval()
+    assert (emb(y) == emb.embedding_table.weight[0]).all()
+
+
+@pytest.mark.parametrize("name,depth,hidden,heads,official", [("DiT-S/2", 12, 384, 6, 33.0e6),
+                                                              ("DiT-XL/2", 28, 1152, 16, 675_129_632)])
+def test_paper_presets(name, depth, hidden, heads, official):
+    cfg = DiTConfig.from_preset(name, input_size=32, in_channels=4, learn_sigma=True)
+    assert (cfg.depth, cfg.hidden_size, cfg.num_heads) == (depth, hidden, heads)
+    with torch.device("meta"):
+        model = DiT(cfg)
+    # the official count includes the fixed (256, hidden) pos_embed, which patchflow computes instead
+    n = sum(p.numel() for p in model.parameters()) + 256 * hidden
+    assert abs(n - official) / official < 2e-3
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(patch_size=3), "does not divide model.input_size"),
+                                    (dict(num_heads=5), "does not divide model.hidden_size"),
+                                    (dict(depth=0), "model.depth must be >= 1")])
+def test_impossible_shapes_rejected(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        DiT(tiny(**kw))
+
+
+def test_bad_input_shape_message():
+    model = DiT(tiny())
+    with pytest.raises(ValueError, match=r"expects x of shape \(B, 3"):
+        model(torch.randn(2, 4, 8, 8), torch.zeros(2), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        model(torch.randn(2, 3, 7, 8), torch.zeros(2), torch.zeros(2, dtype=torch.long))
