@@ -101,6 +101,7 @@ class SampleConfig:
     sampler: str = "euler"                # flows: euler, heun; ddpm: ddpm (ancestral), ddim
     n: int = 16
     seed: int = 0
+    precision: str = "fp32"               # "fp32" or "bf16" (autocast; about 2.5x faster on CPUs with AVX-512 bf16)
 
     def validate(self, objective: str = "rectified") -> None:
         if not 1 <= self.steps <= 1000:
@@ -113,6 +114,7 @@ class SampleConfig:
         allowed = SAMPLERS if objective == "rectified" else ("ddpm", "ddim")
         _choice("sample.sampler", self.sampler, allowed)
         _positive("sample.n", self.n)
+        _choice("sample.precision", self.precision, ("fp32", "bf16"))
 
 
 @dataclass

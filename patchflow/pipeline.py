@@ -57,7 +57,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 @torch.inference_mode()
 def generate(model: nn.Module, cfg: RunConfig, labels: torch.Tensor, *, steps: int | None = None,
              guidance: float | None = None, sampler: str | None = None, seed: int | None = None,
-             batch_size: int = 256, device: torch.device | None = None, progress: bool = False) -> torch.Tensor:
+             batch_size: int = 64, device: torch.device | None = None, progress: bool = False) -> torch.Tensor:
     """Class-conditional samples (N, C, T, H, W) in data units. Settings default to cfg.sample.
 
     Noise is drawn on the CPU from `seed`, so the same seed gives the same samples on any device.
@@ -80,12 +80,15 @@ def generate(model: nn.Module, cfg: RunConfig, labels: torch.Tensor, *, steps: i
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=steps * ((len(labels) + batch_size - 1) // batch_size), desc="sampling", unit="step")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16")
     for i in range(0, len(labels), batch_size):
         y = labels[i:i + batch_size].to(device)
         fn = classifier_free(model, y, torch.full_like(y, m.num_classes), guidance,
                              interval=tuple(s.guidance_interval), t_max=objective.t_max)
-        out.append(objective.sample(fn, noise[i:i + batch_size].to(device), steps, sampler, progress=bar,
-                                    generator=step_generator).cpu())
+        with autocast:  # the model runs in bf16; the sampler's state x stays fp32
+            x = objective.sample(fn, noise[i:i + batch_size].to(device), steps, sampler, progress=bar,
+                                 generator=step_generator)
+        out.append(x.float().cpu())
     if bar is not None:
         bar.close()
     return torch.cat(out)
