@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +24,7 @@ def cmd_train(args) -> None:
 
 def _labels_from_args(args, num_classes: int) -> np.ndarray:
     if args.labels_all is not None:
-        if args.labels_all < 1:
-            raise ValueError(f"--labels-all must be >= 1, got {args.labels_all}")
+        _check_total("--labels-all", args.labels_all, num_classes)
         return np.repeat(np.arange(num_classes), args.labels_all)
     if args.label is None:
         raise ValueError("say what to sample: --label K (with --n) or --labels-all N")
@@ -32,11 +33,54 @@ def _labels_from_args(args, num_classes: int) -> np.ndarray:
     return np.full(args.n, args.label)
 
 
+def _check_total(flag: str, per_class: int, num_classes: int) -> None:
+    from patchflow.config import MAX_SAMPLES
+
+    if per_class * num_classes > MAX_SAMPLES:
+        raise ValueError(f"{flag} {per_class} asks for {per_class * num_classes} samples ({num_classes} classes); "
+                         f"at most {MAX_SAMPLES}")
+
+
 def _check_sampling_args(args) -> None:
+    """Every sampling flag, before anything is loaded: the message names the flag and what is allowed."""
+    from patchflow.config import MAX_SAMPLES
+
     if args.steps is not None and not 1 <= args.steps <= 1000:
         raise ValueError(f"--steps must be in 1..1000, got {args.steps}")
-    if args.guidance is not None and not 0 <= args.guidance <= 100:
-        raise ValueError(f"--guidance must be in [0, 100] (1 = no guidance), got {args.guidance}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and 0 <= args.guidance <= 100):
+        raise ValueError(f"--guidance must be a finite number in [0, 100] (1 = no guidance), got {args.guidance}")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be in 0..2**63-1, got {args.seed}")
+    for flag in ("n", "labels_all", "per_class"):  # sample has --n and --labels-all, eval --per-class
+        value = getattr(args, flag, None)
+        if value is not None and not 1 <= value <= MAX_SAMPLES:
+            raise ValueError(f"--{flag.replace('_', '-')} must be in 1..{MAX_SAMPLES}, got {value}")
+    if args.sampler is not None and args.sampler not in ("euler", "heun", "ddpm", "ddim"):
+        raise ValueError(f"--sampler {args.sampler!r} is not a sampler; choose euler or heun (flow runs), "
+                         "ddpm or ddim (diffusion runs)")
+    if args.device != "auto":
+        import torch
+
+        try:
+            device = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: this machine has no CUDA device")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA devices")
+
+
+def _check_sampler(args, cfg) -> None:
+    """--sampler against the run's objective, once its config.toml is read (before the model is loaded)."""
+    from patchflow.flow.samplers import SAMPLERS
+
+    allowed = SAMPLERS if cfg.flow.objective == "rectified" else ("ddpm", "ddim")
+    if args.sampler is not None and args.sampler not in allowed:
+        raise ValueError(f"--sampler {args.sampler!r} is not allowed for a {cfg.flow.objective} run; "
+                         f"choose one of: {', '.join(map(repr, allowed))}")
 
 
 def _sample_run(args, labels: np.ndarray) -> np.ndarray:
@@ -57,6 +101,7 @@ def cmd_sample(args) -> None:
     if out.suffix not in (".png", ".npz"):
         raise ValueError(f"--out must end in .png (a grid) or .npz (arrays), got {out.name!r}")
     cfg = load_run_config(args.run_dir)
+    _check_sampler(args, cfg)
     labels = _labels_from_args(args, cfg.model.num_classes)
     t0 = time.perf_counter()
     images = _sample_run(args, labels)
@@ -78,7 +123,16 @@ def cmd_eval(args) -> None:
     _check_sampling_args(args)
     src = Path(args.source)
     if src.suffix == ".npz":
-        with np.load(src) as f:
+        try:
+            f = np.load(src)
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a folder, not a zip, pickled data
+            raise ValueError(f"{src}: not a readable .npz file ({(str(e).splitlines() or [type(e).__name__])[0]})") \
+                from None
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise ValueError(f"{src}: not a readable .npz file (it holds one array; images and labels are needed)")
+        with f:
             missing = {"images", "labels"} - set(f.files)
             if missing:
                 raise ValueError(f"{src} lacks {sorted(missing)}; patchflow sample --out x.npz writes both")
@@ -89,6 +143,8 @@ def cmd_eval(args) -> None:
         cfg = load_run_config(src)
         if cfg.data.dataset != "digits":
             raise ValueError(f"patchflow eval scores runs of the built-in digits world; {src} trains on {cfg.data.dataset}")
+        _check_sampler(args, cfg)
+        _check_total("--per-class", args.per_class, cfg.model.num_classes)
         args.run_dir, args.label = src, None
         labels = np.repeat(np.arange(cfg.model.num_classes), args.per_class)
         images = _sample_run(args, labels)
@@ -104,11 +160,26 @@ def cmd_eval(args) -> None:
 def cmd_convert(args) -> None:
     from patchflow.convert.dit import convert_diffusers_dit, convert_official_dit
 
+    if args.num_heads is not None and args.num_heads < 1:
+        raise ValueError(f"--num-heads must be >= 1, got {args.num_heads}")
     if args.kind == "dit-official":
         out = convert_official_dit(args.source, args.out_dir, num_heads=args.num_heads)
     else:
         out = convert_diffusers_dit(args.source, args.out_dir)
     print(f"wrote run directory {out}")
+
+
+def cmd_plan(args) -> None:
+    from patchflow.config import load_config
+    from patchflow.plan import format_plan, make_plan, parse_memory
+
+    memory = parse_memory(args.memory) if args.memory else None
+    if args.checkpoint_every < 1:
+        raise ValueError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    if any(not 1 <= b <= 2**31 for b in args.batch):
+        raise ValueError(f"--batch sizes must be in 1..2**31, got {args.batch}")
+    cfg = load_config(args.config, args.set)
+    print(format_plan(cfg, make_plan(cfg), memory, args.batch, args.checkpoint_every))
 
 
 def cmd_demo(args) -> None:
@@ -180,6 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-heads", type=int, help="heads, when the hidden size is not one of DiT-S/B/L/XL")
     p.set_defaults(fn=cmd_convert)
 
+    p = sub.add_parser("plan", help="parameters, FLOPs, memory per batch size, largest batch that fits")
+    p.add_argument("config", help="a TOML file or a shipped preset name")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--memory", help="device memory, e.g. 80GB: prints the largest batch that fits")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 128, 256], help="batch sizes to tabulate")
+    p.add_argument("--checkpoint-every", type=int, default=1, help="activation checkpointing every k-th block")
+    p.set_defaults(fn=cmd_plan)
+
     p = sub.add_parser("demo", help="train the digits preset on this machine and write a sample grid")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -190,10 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from patchflow.train.errors import TrainingError  # no torch: keeps `--help` fast
+
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+    except (ValueError, OSError, KeyError, TrainingError) as e:  # OSError: also a path too long, a folder, no access
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"patchflow {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ rejected with the key and the allowed values named.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from patchflow.flow.samplers import SAMPLERS
 from patchflow.models.dit import DiTConfig
 
 PRESET_DIR = Path(__file__).parent / "configs"
+MAX_SAMPLES = 1_000_000  # most samples one command or sample.n may ask for
 
 
 class ConfigError(ValueError):
@@ -44,18 +46,39 @@ class FlowConfig:
         _positive("flow.logit_std", self.logit_std)
         _positive("flow.shift", self.shift)
         _positive("flow.num_timesteps", self.num_timesteps)
+        if self.objective == "ddpm" and not 21 <= self.num_timesteps <= 100_000:  # linear betas reach 20 / T
+            raise ConfigError(f"flow.num_timesteps must be in 21..100000 for flow.objective = 'ddpm' (the linear "
+                              f"schedule's last beta, 20 / num_timesteps, must stay below 1), got {self.num_timesteps}")
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"
+    dataset: str = "digits"               # "digits" (built in), "folder", "captions" (JSONL), "video"
     seed: int = 0                         # seed of the train/validation split
     num_workers: int = 0
+    path: str = ""                        # folder / captions .jsonl / video folder; unused by digits
+    image_size: int = 32                  # shorter side resized to this, then centre-cropped square
+    channels: int = 3                     # 3 (RGB) or 1 (grey); every image is converted to it
+    frames: int = 8                       # video: frames per clip
+    alpha_background: str = "white"       # transparent pixels are composited over "white" or "black"
+    short_clips: str = "skip"             # video clips with < frames frames: "skip", "error" or "loop"
 
     def validate(self) -> None:
-        _choice("data.dataset", self.dataset, ("digits",))
+        """Checks values only; whether `path` exists is checked when the data set is built (a run's saved
+        config must still load for sampling after its data has moved)."""
+        _choice("data.dataset", self.dataset, ("digits", "folder", "captions", "video"))
+        if not 0 <= self.seed < 2**31:
+            raise ConfigError(f"data.seed must be in 0..2**31-1, got {self.seed}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.dataset != "digits" and not self.path.strip():
+            what = {"folder": "an image folder", "captions": "a .jsonl captions file", "video": "a video folder"}
+            raise ConfigError(f"data.path is required for data.dataset = {self.dataset!r}: {what[self.dataset]}")
+        _positive("data.image_size", self.image_size)
+        _choice("data.channels", self.channels, (1, 3))
+        _positive("data.frames", self.frames)
+        _choice("data.alpha_background", self.alpha_background, ("white", "black"))
+        _choice("data.short_clips", self.short_clips, ("skip", "error", "loop"))
 
 
 @dataclass
@@ -74,16 +97,22 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 500
     keep_checkpoints: int = 3             # newest N kept; 0 keeps all
+    keep_every: int = 0                   # also keep every checkpoint whose step is a multiple of K; 0 = off
+    max_bad_steps: int = 5                # stop after this many consecutive steps with a NaN/Inf loss or gradient
     sample_every: int = 500               # 0 disables sample grids during training
     device: str = "auto"                  # "auto", "cpu", "cuda", "cuda:1", ...
     precision: str = "fp32"               # "fp32" or "bf16" (autocast)
     num_threads: int = 0                  # torch intra-op threads on CPU; 0 keeps torch's default
+    parallel: str = "ddp"                 # with several processes (torchrun): "ddp" or "fsdp" (FSDP2, sharded)
+    activation_checkpointing: int = 0     # recompute blocks in backward: 0 none, 1 every block, k every k-th
+    compile: bool = False                 # torch.compile the transformer blocks (dynamic token and batch dims)
 
     def validate(self) -> None:
-        for key in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every"):
+        for key in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "max_bad_steps"):
             _positive(f"train.{key}", getattr(self, key))
         _positive("train.lr", self.lr)
-        for key in ("warmup_steps", "keep_checkpoints", "sample_every", "num_threads", "weight_decay", "grad_clip"):
+        for key in ("warmup_steps", "keep_checkpoints", "keep_every", "sample_every", "num_threads", "weight_decay",
+                    "grad_clip"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -91,6 +120,12 @@ class TrainConfig:
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         _choice("train.precision", self.precision, ("fp32", "bf16"))
+        _choice("train.parallel", self.parallel, ("ddp", "fsdp"))
+        if not 0 <= self.seed < 2**31:
+            raise ConfigError(f"train.seed must be in 0..2**31-1, got {self.seed}")
+        if self.activation_checkpointing < 0:
+            raise ConfigError(f"train.activation_checkpointing must be >= 0 (0 none, 1 all, k every k-th block), "
+                              f"got {self.activation_checkpointing}")
 
 
 @dataclass
@@ -112,8 +147,11 @@ class SampleConfig:
         if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1] <= 1:
             raise ConfigError(f"sample.guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1, got {lo_hi}")
         allowed = SAMPLERS if objective == "rectified" else ("ddpm", "ddim")
-        _choice("sample.sampler", self.sampler, allowed)
-        _positive("sample.n", self.n)
+        if self.sampler not in allowed:
+            raise ConfigError(f"sample.sampler = {_show(self.sampler)} is not allowed with flow.objective = "
+                              f"{objective!r}; choose one of: {', '.join(map(repr, allowed))}")
+        if not 1 <= self.n <= MAX_SAMPLES:
+            raise ConfigError(f"sample.n must be in 1..{MAX_SAMPLES}, got {self.n}")
         _choice("sample.precision", self.precision, ("fp32", "bf16"))
 
 
@@ -138,6 +176,18 @@ class RunConfig:
             raise ConfigError("model.learn_sigma = true needs flow.objective = \"ddpm\" (a flow predicts no variance)")
         if self.flow.objective == "ddpm" and self.flow.num_timesteps < self.sample.steps:
             raise ConfigError(f"sample.steps={self.sample.steps} exceeds flow.num_timesteps={self.flow.num_timesteps}")
+        if self.data.dataset == "captions":
+            raise ConfigError("data.dataset = \"captions\" gives (image, caption) pairs for a text-conditioned "
+                              "model, which patchflow cannot train yet; use \"folder\" (labels from class subfolders)")
+        if self.data.dataset in ("folder", "video"):  # the data's shape must be the model's
+            d, m = self.data, self.model
+            frames = (d.frames, f"data.frames = {d.frames}") if d.dataset == "video" else \
+                (1, "data.dataset = \"folder\" gives images, 1 frame each")
+            for mkey, want, what in ((("in_channels", d.channels, f"data.channels = {d.channels}"),
+                                      ("input_size", d.image_size, f"data.image_size = {d.image_size}"),
+                                      ("frames", *frames))):
+                if getattr(m, mkey) != want:
+                    raise ConfigError(f"model.{mkey} = {getattr(m, mkey)} does not match the data: {what}")
         return self
 
     def to_dict(self) -> dict:
@@ -149,7 +199,7 @@ class RunConfig:
 
 def _choice(key: str, value, allowed) -> None:
     if value not in allowed:
-        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {', '.join(map(repr, allowed))}")
+        raise ConfigError(f"{key} = {_show(value)} is not allowed; choose one of: {', '.join(map(repr, allowed))}")
 
 
 def _positive(key: str, value) -> None:
@@ -157,33 +207,60 @@ def _positive(key: str, value) -> None:
         raise ConfigError(f"{key} must be > 0, got {value}")
 
 
+def _show(value) -> str:
+    """repr for messages: short, and safe for ints too long for repr (over 4300 digits)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        text = "<int too large to print>" if isinstance(value, int) else f"<{type(value).__name__}>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _key(name: str) -> str:
+    """A key or section name for a one-line message: bare when TOML allows it bare, else quoted."""
+    bare = name and all(c.isascii() and (c.isalnum() or c in "_-") for c in name)
+    return name if bare else _show(name)
+
+
 def _check_type(key: str, value, annotation):
-    """Return value coerced to the annotated type (int -> float allowed), or raise ConfigError."""
+    """Return value coerced to the annotated type (int -> float allowed), or raise ConfigError.
+
+    Numbers must be what TOML can hold: integers in 64 bits, floats finite (NaN passes range checks).
+    """
     origin = typing.get_origin(annotation)
     if origin is list:
         (item,) = typing.get_args(annotation)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
+            raise ConfigError(f"{key} must be a list, got {_show(value)}")
         return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if annotation in (int, float) and isinstance(value, int) and not isinstance(value, bool) \
+            and not -2**63 <= value < 2**63:
+        raise ConfigError(f"{key} must be an integer in [-2**63, 2**63), got {_show(value)}")
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is int and isinstance(value, float) and value.is_integer():
-        return int(value)
+        value = int(value)
+        if not -2**63 <= value < 2**63:
+            raise ConfigError(f"{key} must be an integer in [-2**63, 2**63), got {_show(float(value))}")
+        return value
     if not isinstance(value, annotation) or (annotation is not bool and isinstance(value, bool)):
-        raise ConfigError(f"{key} must be of type {annotation.__name__}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{key} must be of type {annotation.__name__}, got {_show(value)} ({type(value).__name__})")
+    if annotation is float and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
     return value
 
 
 def _build_section(name: str, cls, values: dict):
     if not isinstance(values, dict):
-        raise ConfigError(f"[{name}] must be a table of keys, got {values!r}")
+        raise ConfigError(f"[{name}] must be a table of keys, got {_show(values)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
     if unknown:
-        raise ConfigError(f"unknown key {name}.{unknown[0]}; [{name}] accepts: {', '.join(sorted(fields))}")
+        raise ConfigError(f"unknown key {name}.{_key(unknown[0])}; [{name}] accepts: {', '.join(sorted(fields))}")
     values = dict(values)
     if cls is DiTConfig and values.get("preset"):
+        _check_type("model.preset", values["preset"], str)
         try:
             values = {**DiTConfig.preset_fields(values["preset"]), **values}
         except ValueError as e:
@@ -197,35 +274,41 @@ SECTIONS = {f.name: typing.get_type_hints(RunConfig)[f.name] for f in dataclasse
 def from_dict(data: dict) -> RunConfig:
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
-        raise ConfigError(f"unknown section [{unknown[0]}]; sections are: {', '.join(SECTIONS)}")
+        raise ConfigError(f"unknown section [{_key(unknown[0])}]; sections are: {', '.join(SECTIONS)}")
     return RunConfig(**{name: _build_section(name, cls, data.get(name, {})) for name, cls in SECTIONS.items()}).validate()
 
 
 def parse_override(item: str) -> tuple[list[str], object]:
     """'train.steps=2000' -> (['train', 'steps'], 2000). Values are TOML literals; bare words are strings."""
     if "=" not in item:
-        raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        raise ConfigError(f"--set expects section.key=value, got {_show(item)}")
     key, raw = item.split("=", 1)
     path = key.strip().split(".")
     if len(path) != 2 or not all(path):
-        raise ConfigError(f"--set key must look like section.key (e.g. train.steps), got {key!r}")
+        raise ConfigError(f"--set key must look like section.key (e.g. train.steps), got {_show(key)}")
     try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
+        parsed = tomllib.loads(f"v = {raw.strip()}")  # ValueError: malformed, or an int over 4300 digits
+    except ValueError:
+        parsed = {}
+    except RecursionError:
+        raise ConfigError(f"--set {key}: the value is nested too deeply") from None
+    value = parsed["v"] if list(parsed) == ["v"] else raw.strip()  # one value, never more TOML lines
     return path, value
 
 
 def resolve_preset(path: str | Path) -> Path:
     """A TOML path, or the name of a shipped preset ('digits')."""
     p = Path(path)
-    if p.is_file():
-        return p
-    shipped = PRESET_DIR / f"{p.stem}.toml"
-    if p.suffix in ("", ".toml") and shipped.is_file() and len(p.parts) <= 2:
-        return shipped
+    try:
+        if p.is_file():
+            return p
+        shipped = PRESET_DIR / f"{p.stem}.toml"
+        if p.suffix in ("", ".toml") and shipped.is_file() and str(p.parent) in (".", "configs"):
+            return shipped
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        pass
     names = ", ".join(sorted(q.stem for q in PRESET_DIR.glob("*.toml")))
-    raise ConfigError(f"config file {str(path)!r} not found (shipped presets: {names})")
+    raise ConfigError(f"config file {_show(str(path))} not found (shipped presets: {names})")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
@@ -234,11 +317,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         p = resolve_preset(path)
         try:
             data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read the config file: {e.strerror or e}") from None
+        except (ValueError, RecursionError) as e:  # TOMLDecodeError, not UTF-8, an int over 4300 digits, deep nesting
             raise ConfigError(f"{p}: not valid TOML: {e}") from None
     for item in overrides:
         (section, key), value = parse_override(item)
         if section not in SECTIONS:
-            raise ConfigError(f"unknown section {section!r} in --set {item!r}; sections are: {', '.join(SECTIONS)}")
-        data.setdefault(section, {})[key] = value
+            raise ConfigError(f"unknown section {section!r} in --set {_show(item)}; sections are: {', '.join(SECTIONS)}")
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{section}] must be a table of keys, got {_show(table)}")
+        table[key] = value
     return from_dict(data)

@@ -119,3 +119,31 @@ def test_existing_run_is_not_overwritten(run30, capsys):
     assert main(["train", "digits", "--out", str(run30), "--quiet"]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (run30 / "log.jsonl").read_text() == before
+
+
+def test_eval_reads_an_npz_of_real_digits(tmp_path, capsys):
+    from patchflow.data.digits import load_digits
+
+    images, labels = load_digits("train")
+    npz = tmp_path / "real.npz"
+    np.savez(npz, images=images[::9][:300, :, :, None], labels=labels[::9][:300])
+    assert main(["eval", str(npz), "--json", str(tmp_path / "e.json")]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["n"] == 300 and result["accuracy"] > 0.95
+    assert f"class accuracy: {result['accuracy']:.4f}" in out and "real-data ceiling" in out
+    np.savez(npz, images=images[:10, :, :, None])  # no labels
+    assert main(["eval", str(npz)]) == 2
+    assert "lacks ['labels']" in capsys.readouterr().err
+
+
+def test_demo_writes_grid_and_scores(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--quiet"] + [a for s in TINY + ["train.steps=3", "sample.steps=2"]
+                                                      for a in ("--set", s)]
+    assert main(argv) == 0
+    from PIL import Image
+    assert Image.open(out / "demo_grid.png").size == (10 * 34 + 2, 10 * 34 + 2)
+    result = json.loads((out / "eval.json").read_text())
+    assert result["n"] == 500 and 0 <= result["accuracy"] <= 1 and result["fd"] > 0
+    assert f"class accuracy {result['accuracy']:.4f}" in capsys.readouterr().out

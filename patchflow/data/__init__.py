@@ -7,25 +7,58 @@ from patchflow.config import DataConfig
 
 
 def build_dataset(cfg: DataConfig, split: str = "train") -> torch.utils.data.Dataset:
-    """Items are (x: (C, T, H, W) in [-1, 1], label)."""
+    """Items are (x: (C, T, H, W) in [-1, 1], label int); T = 1 for images, data.frames for video.
+
+    "folder" and "video" have no validation split (only split="train"); errors name data.path.
+    """
     if cfg.dataset == "digits":
         from patchflow.data.digits import DigitsDataset
 
         return DigitsDataset(split=split, seed=cfg.seed)
-    raise ValueError(f"unknown data.dataset {cfg.dataset!r}")
+    if cfg.dataset not in ("folder", "captions", "video"):
+        raise ValueError(f"unknown data.dataset {cfg.dataset!r}")
+    if split != "train":
+        raise ValueError(f"data.dataset = {cfg.dataset!r} has no {split!r} split; it is all training data")
+    if not cfg.path.strip():
+        raise ValueError(f"data.path is required for data.dataset = {cfg.dataset!r}")
+    common = dict(image_size=cfg.image_size, channels=cfg.channels, alpha_background=cfg.alpha_background)
+    try:
+        if cfg.dataset == "folder":
+            from patchflow.data.folder import ImageFolderDataset
+
+            return ImageFolderDataset(cfg.path, **common)
+        if cfg.dataset == "captions":
+            from patchflow.data.captions import ImageCaptionDataset
+
+            return ImageCaptionDataset(cfg.path, **common)
+        from patchflow.data.video import VideoFolderDataset
+
+        return VideoFolderDataset(cfg.path, cfg.frames, short_clips=cfg.short_clips, **common)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        # the message gains the key; the type stays one the CLI reports with exit code 2
+        kind = next(t for t in (FileNotFoundError, NotADirectoryError, ValueError) if isinstance(e, t))
+        raise kind(f"data.path = {cfg.path!r}: {e}") from None
 
 
 class ResumableBatchSampler(torch.utils.data.Sampler):
     """Endless batches of indices; epoch e is a permutation seeded by (seed, e), last partial batch dropped.
 
     Batch b is a pure function of (seed, b), so a run resumed at batch b sees exactly the data it would have.
+    `batch_size` is the global batch; with shard = (rank, world) each process gets its contiguous slice, so
+    N processes together see exactly what one process sees, whatever N is.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int = 0, start: int = 0):
+    def __init__(self, size: int, batch_size: int, seed: int = 0, start: int = 0, shard: tuple[int, int] = (0, 1)):
         if size < batch_size:
             raise ValueError(f"the data set has {size} items, fewer than one batch of {batch_size}; "
                              f"lower train.batch_size or add data")
+        rank, world = shard
+        if batch_size % world:
+            raise ValueError(f"train.batch_size = {batch_size} (the global batch) is not divisible by the "
+                             f"{world} processes")
         self.size, self.batch_size, self.seed, self.start = size, batch_size, seed, start
+        self.local = batch_size // world
+        self.offset = rank * self.local
         self.per_epoch = size // batch_size
 
     def _perm(self, epoch: int) -> torch.Tensor:
@@ -41,5 +74,5 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
     def __iter__(self):
         b = self.start
         while True:
-            yield self.batch(b)
+            yield self.batch(b)[self.offset:self.offset + self.local]
             b += 1

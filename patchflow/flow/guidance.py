@@ -13,6 +13,18 @@ def combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float, channels: in
     return torch.cat([guided, cond[:, channels:]], dim=1)
 
 
+def drop_labels(y: torch.Tensor, null: int, prob: float, generator: torch.Generator | None = None,
+                shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Replace each label by `null` with probability `prob` (guidance training). The draw covers the global
+    batch (world x local) and keeps this rank's slice, so N processes drop what one process would."""
+    if prob <= 0:
+        return y
+    rank, world = shard
+    b = y.shape[0]
+    drop = torch.rand(b * world, generator=generator, device=y.device)[rank * b:(rank + 1) * b] < prob
+    return torch.where(drop, torch.full_like(y, null), y)
+
+
 def classifier_free(model, y: torch.Tensor, null: torch.Tensor, scale: float,
                     interval: tuple[float, float] = (0.0, 1.0), t_max: float = 1000.0):
     """Wrap model(x, t, y) into fn(x, t) that applies guidance `scale`.

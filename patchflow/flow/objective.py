@@ -9,20 +9,30 @@ from patchflow.flow import rectified, samplers
 from patchflow.flow.ddpm import GaussianDiffusion
 
 
+def _global_draw(x0: torch.Tensor, generator, shard: tuple[int, int], draw):
+    """Draw for the whole global batch (world x local) and keep this rank's slice, so a run on N processes
+    sees exactly the noise and timesteps that one process with the same global batch would."""
+    rank, world = shard
+    b = x0.shape[0]
+    return draw(b * world)[rank * b:(rank + 1) * b]
+
+
 class RectifiedFlowObjective:
     t_max = rectified.TIME_SCALE
 
     def __init__(self, cfg: FlowConfig):
         self.cfg = cfg
 
-    def loss(self, model_fn, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Per-sample loss (B,)."""
+    def loss(self, model_fn, x0: torch.Tensor, generator: torch.Generator | None = None,
+             shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+        """Per-sample loss (B,). shard = (rank, world): x0 is this rank's part of a global batch."""
         c = self.cfg
-        t = rectified.sample_timesteps(x0.shape[0], c.timestep_sampling, logit_mean=c.logit_mean,
-                                       logit_std=c.logit_std, mode_scale=c.mode_scale, generator=generator,
-                                       device=x0.device)
+        t = _global_draw(x0, generator, shard, lambda n: rectified.sample_timesteps(
+            n, c.timestep_sampling, logit_mean=c.logit_mean, logit_std=c.logit_std, mode_scale=c.mode_scale,
+            generator=generator, device=x0.device))
         t = rectified.shift_timesteps(t, c.shift)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        noise = _global_draw(x0, generator, shard, lambda n: torch.randn(
+            (n, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype))
         return rectified.flow_loss(lambda x, s: model_fn(x, s * self.t_max), x0, noise, t)
 
     def sample(self, model_fn, noise: torch.Tensor, steps: int, sampler: str = "euler", progress=None,
@@ -42,9 +52,12 @@ class DiffusionObjective:
         self.diffusion = GaussianDiffusion.linear(cfg.num_timesteps, learn_sigma=learn_sigma)
         self.t_max = float(cfg.num_timesteps)
 
-    def loss(self, model_fn, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        t = self.diffusion.sample_timesteps(x0.shape[0], generator=generator, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    def loss(self, model_fn, x0: torch.Tensor, generator: torch.Generator | None = None,
+             shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+        t = _global_draw(x0, generator, shard,
+                         lambda n: self.diffusion.sample_timesteps(n, generator=generator, device=x0.device))
+        noise = _global_draw(x0, generator, shard, lambda n: torch.randn(
+            (n, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype))
         return self.diffusion.training_losses(model_fn, x0, t, noise)["loss"]
 
     def sample(self, model_fn, noise: torch.Tensor, steps: int, sampler: str = "ddpm", progress=None,

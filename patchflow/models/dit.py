@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from patchflow.models.blocks import AdaLNBlock, FinalLayer
 from patchflow.models.embed import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_3d, unpatchify
@@ -51,9 +52,9 @@ class DiTConfig:
         try:
             family, patch = name.removeprefix("DiT-").split("/")
             depth, hidden, heads = DIT_SIZES[family]
-            patch = int(patch)
-        except (ValueError, KeyError):
-            raise ValueError(f"unknown DiT preset {name!r}; known: {sizes}") from None
+            patch = {"2": 2, "4": 4, "8": 8}[patch]  # not int(): "0", " 4", "4_0" are not presets
+        except (ValueError, KeyError, AttributeError):
+            raise ValueError(f"unknown DiT preset {name!r:.80}; known: {sizes}") from None
         return {"depth": depth, "hidden_size": hidden, "num_heads": heads, "patch_size": patch}
 
     @classmethod
@@ -66,10 +67,13 @@ class DiTConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the field when the shapes cannot work."""
-        positive = ("input_size", "frames", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "num_classes")
-        for name in positive:
+        most = {"input_size": 8192, "frames": 4096, "in_channels": 1024, "patch_size": 64, "hidden_size": 16384,
+                "depth": 1024, "num_heads": 1024, "num_classes": 1_000_000}  # far past any DiT; keeps shapes buildable
+        for name, limit in most.items():
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+            if getattr(self, name) > limit:
+                raise ValueError(f"model.{name} must be <= {limit}, got {getattr(self, name)}")
         if self.input_size % self.patch_size:
             raise ValueError(f"model.patch_size={self.patch_size} does not divide model.input_size={self.input_size}")
         if self.hidden_size % self.num_heads:
@@ -78,6 +82,12 @@ class DiTConfig:
             raise ValueError(f"model.hidden_size={self.hidden_size} must be divisible by 4 (2D sin-cos positions)")
         if not 0 <= self.class_dropout_prob < 1:
             raise ValueError(f"model.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        if not 0 < self.mlp_ratio <= 64 or int(self.hidden_size * self.mlp_ratio) < 1:
+            raise ValueError(f"model.mlp_ratio must be in (0, 64] with hidden_size * mlp_ratio >= 1, got {self.mlp_ratio}")
+        if not 0 < self.mlp_norm_eps < 1:
+            raise ValueError(f"model.mlp_norm_eps must be > 0 and < 1, got {self.mlp_norm_eps}")
+        if not 0 <= self.time_freq_shift < 128:  # the timestep embedding divides by (128 - time_freq_shift)
+            raise ValueError(f"model.time_freq_shift must be in [0, 128), got {self.time_freq_shift}")
 
 
 class DiT(nn.Module):
@@ -97,6 +107,8 @@ class DiT(nn.Module):
             for _ in range(config.depth)
         )
         self.final_layer = FinalLayer(d, p * p * config.out_channels)
+        self.checkpoint_every = 0  # activation checkpointing: 0 none, 1 every block, k every k-th block
+        self.compiled = False
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -114,6 +126,13 @@ class DiT(nn.Module):
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    def compile_blocks(self, **kwargs) -> None:
+        """torch.compile each block. Batch and token dims are marked dynamic in forward, so one compile
+        serves every resolution, frame count and batch size instead of a recompile per shape."""
+        for block in self.blocks:
+            block.compile(**kwargs)
+        self.compiled = True
 
     def pos_embed(self, grid: tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:
         """Fixed sin-cos positions for a token grid: (1, N, D)."""
@@ -137,7 +156,14 @@ class DiT(nn.Module):
         tokens = self.x_embedder(x)
         tokens = tokens + self.pos_embed(grid, tokens)
         c = self.t_embedder(t) + self.y_embedder(y)
-        for block in self.blocks:
-            tokens = block(tokens, c)
+        if self.compiled:
+            for tensor, dim in ((tokens, 0), (tokens, 1), (c, 0)):
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        recompute = self.checkpoint_every > 0 and torch.is_grad_enabled()
+        for i, block in enumerate(self.blocks):
+            if recompute and i % self.checkpoint_every == 0:  # keep only the block input; recompute in backward
+                tokens = checkpoint(block, tokens, c, use_reentrant=False)
+            else:
+                tokens = block(tokens, c)
         out = unpatchify(self.final_layer(tokens, c), grid, self.patch)
         return out.squeeze(2) if image else out

@@ -88,7 +88,11 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class labels -> vectors. The last row is the null class used for classifier-free guidance."""
+    """Class labels -> vectors. The last row is the null class used for classifier-free guidance.
+
+    Dropping labels for guidance training is the trainer's job (`flow.guidance.drop_labels`): drawn there
+    for the whole global batch, it is the same on one process or many.
+    """
 
     def __init__(self, num_classes: int, dim: int, dropout_prob: float = 0.1):
         super().__init__()
@@ -97,8 +101,5 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), dim)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        """y: (B,) ints in [0, num_classes] (num_classes = null) -> (B, dim). Drops labels while training."""
-        if self.training and self.dropout_prob > 0:
-            drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        """y: (B,) ints in [0, num_classes] (num_classes = null) -> (B, dim)."""
         return self.embedding_table(y)

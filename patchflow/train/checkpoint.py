@@ -2,20 +2,33 @@
 
 Layout of a run directory:
   config.toml  model.safetensors  ema.safetensors  log.jsonl  samples/
-  checkpoints/step_0000500/{model,ema}.safetensors + state.pt
+  checkpoints/step_0000500/{model,ema}.safetensors + state.pt (+ sharded/: FSDP model and optimizer, DCP)
   checkpoints/latest   (text: the newest complete checkpoint's folder name, written last)
-A checkpoint folder is written under a temporary name, fsynced and renamed, so one that exists is complete.
+
+A checkpoint is written into checkpoints/.tmp-step_N, fsynced and renamed to step_N; `latest` is replaced
+atomically after that. So a folder named step_N is always complete, and a crash at any moment leaves either the
+previous `latest` or the new one. Leftover .tmp-* (a crash mid-write) and .del-* (a crash mid-delete) folders
+are never read and are removed by the next save.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 STEP_PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".del-"
+FILES = ("model.safetensors", "ema.safetensors", "state.pt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read safely; the message names the file."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -36,82 +49,183 @@ def state_dict_for_save(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu().clone() for k, v in module.state_dict().items()}
 
 
+def _remove_on_os_error(tmp: Path, write) -> None:
+    """Run write(); on OSError (disk full, read-only) delete the partial `tmp` and re-raise."""
+    try:
+        write()
+    except OSError:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    _fsync_file(tmp)
+
+    def write():
+        save_file(tensors, str(tmp), metadata=metadata)
+        _fsync_file(tmp)
+
+    _remove_on_os_error(tmp, write)
     os.replace(tmp, path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+
+    def write():
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _remove_on_os_error(tmp, write)
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: Path, step: int, model, ema, state: dict, keep: int = 0) -> Path:
-    """Write checkpoints/step_N atomically, point `latest` at it, refresh the run's top-level weights."""
-    ckpt_root = Path(run_dir) / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+def step_of(folder: Path) -> int:
+    return int(folder.name[len(STEP_PREFIX):])
+
+
+def is_complete(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in FILES)
+
+
+def _discard(folder: Path) -> None:
+    """Rename away first, so a crash mid-delete never leaves a step_N folder with some files missing."""
+    trash = folder.with_name(TRASH_PREFIX + folder.name)
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Temp and trash folders of a crashed save or prune: never read, so safe to delete."""
+    for p in root.iterdir():
+        if p.name.startswith((TMP_PREFIX, TRASH_PREFIX)) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _write_folder(folder: Path, model_sd: dict, ema_sd: dict, state: dict) -> None:
+    folder.mkdir(exist_ok=True)  # may already hold the processes' shards
+    save_file(model_sd, str(folder / "model.safetensors"))
+    save_file(ema_sd, str(folder / "ema.safetensors"))
+    torch.save(state, folder / "state.pt")
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            _fsync_file(f)
+    for d in [p for p in folder.rglob("*") if p.is_dir()] + [folder]:
+        _fsync_dir(d)
+
+
+def save_checkpoint(run_dir: Path, step: int, model_sd: dict | None, ema_sd: dict | None, state: dict | None,
+                    keep: int = 0, keep_every: int = 0, shards=None, main: bool = True,
+                    barrier=lambda: None) -> Path:
+    """Write checkpoints/step_N atomically, point `latest` at it, refresh the run's top-level weights, prune.
+
+    model_sd / ema_sd are full CPU state dicts. With several processes every process calls this:
+    `shards(folder)` (a collective torch.distributed.checkpoint save of the sharded model and optimizer)
+    writes into the temp folder first, then the main process alone writes the rest and renames.
+    An OSError (disk full, read-only) removes the partial temp folder and propagates; `latest` and every
+    complete checkpoint are untouched. Any other crash leaves the temp folder for the next save to remove.
+    """
+    run_dir = Path(run_dir)
+    root = run_dir / "checkpoints"
     name = f"{STEP_PREFIX}{step:07d}"
-    final = ckpt_root / name
-    tmp = ckpt_root / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    model_sd, ema_sd = state_dict_for_save(model), state_dict_for_save(ema)
-    save_file(model_sd, str(tmp / "model.safetensors"))
-    save_file(ema_sd, str(tmp / "ema.safetensors"))
-    torch.save(state, tmp / "state.pt")
-    for f in tmp.iterdir():
-        _fsync_file(f)
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(ckpt_root)
-    atomic_write_text(ckpt_root / "latest", name + "\n")
-    atomic_save_safetensors(model_sd, Path(run_dir) / "model.safetensors")
-    atomic_save_safetensors(ema_sd, Path(run_dir) / "ema.safetensors")
-    if keep > 0:
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    final, tmp = root / name, root / f"{TMP_PREFIX}{name}"
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(root)
+    barrier()
+    if shards is not None:
+        _remove_on_os_error(tmp, lambda: shards(tmp / "sharded"))
+        barrier()
+    if main:
+        _remove_on_os_error(tmp, lambda: _write_folder(tmp, model_sd, ema_sd, state))
+        if final.exists():  # left by a run that crashed after this step; ours replaces it
+            _discard(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        atomic_write_text(root / "latest", name + "\n")
+        atomic_save_safetensors(model_sd, run_dir / "model.safetensors")
+        atomic_save_safetensors(ema_sd, run_dir / "ema.safetensors")
+        prune_checkpoints(run_dir, step, keep, keep_every)
+    barrier()
     return final
+
+
+def checkpoints_to_keep(steps: list[int], current: int, keep: int, keep_every: int) -> set[int]:
+    """`current`, the newest `keep` up to it (0: all), and every multiple of `keep_every` (0: none)."""
+    older = sorted(s for s in steps if s <= current)
+    kept = set(older if keep == 0 else older[-keep:]) | {current}
+    if keep_every > 0:
+        kept |= {s for s in older if s % keep_every == 0}
+    return kept  # steps after `current` belong to an abandoned continuation (crash before `latest` moved)
+
+
+def prune_checkpoints(run_dir: Path, current: int, keep: int = 0, keep_every: int = 0) -> None:
+    folders = list_checkpoints(run_dir)
+    kept = checkpoints_to_keep([step_of(p) for p in folders], current, keep, keep_every)
+    for p in folders:
+        if step_of(p) not in kept:
+            _discard(p)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX))
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
+                  and p.name[len(STEP_PREFIX):].isdigit())
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The folder `latest` names, or the newest complete step folder if the pointer is missing."""
+    """The folder `latest` names, or the newest complete step folder if the pointer is missing or stale."""
     root = Path(run_dir) / "checkpoints"
     pointer = root / "latest"
     if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / "state.pt").is_file():
-            return candidate
-    complete = [p for p in list_checkpoints(run_dir) if (p / "state.pt").is_file()]
+        name = pointer.read_text().strip()
+        if name.startswith(STEP_PREFIX) and "/" not in name and is_complete(root / name):
+            return root / name
+    complete = [p for p in list_checkpoints(run_dir) if is_complete(p)]
     return complete[-1] if complete else None
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file; anything else (a pickle, a .pt) is refused, never unpickled."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} not found")
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: patchflow reads weights only from .safetensors files (no pickle)")
-    return load_file(str(path))
+        raise CheckpointError(f"{path}: patchflow reads weights only from .safetensors files (no pickle)")
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise CheckpointError(f"{path} is not a valid safetensors file ({e}); refusing to read it") from None
+
+
+def _pickle_reason(e: Exception) -> str:
+    """The line of torch's weights_only message that names the refused global, without its advice to
+    disable weights_only (which would run the file's code)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
+    return lines[0] if lines else "it holds objects other than tensors and plain containers"
 
 
 def load_state(path: Path) -> dict:
-    """Training state, read without unpickling code."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Training state, read with weights_only=True: a pickle that would run code is refused, not executed."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refusing to load this training state: {_pickle_reason(e)}. patchflow never "
+                              f"writes such objects; the file was not made by patchflow or was tampered with") from None
+    except (RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path} is not a readable training state ({str(e).splitlines()[0]})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path} is not a patchflow training state (no 'step' entry)")
+    return state
 
 
 def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:

@@ -1,16 +1,27 @@
-"""Exponential moving average of model weights, updated in place with fused foreach ops."""
-from __future__ import annotations
+"""Exponential moving average of the trainable weights, updated in place with fused foreach ops.
 
-import copy
+The shadow tensors are clones of the parameters, so under FSDP they are sharded exactly like them and
+the update needs no communication; `state_dict()` gathers full tensors when they are needed.
+"""
+from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # a DTensor shard gathers; a tensor is whole
+
+
 class EMA:
     def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True):
+        """model: the plain, DDP-unwrapped or FSDP-sharded module whose parameters are averaged."""
         self.decay, self.warmup, self.updates = decay, warmup, 0
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        if any(True for _ in model.buffers(recurse=True)) and model.state_dict().keys() != dict(
+                model.named_parameters()).keys():
+            raise ValueError("EMA averages parameters only; this model has persistent buffers")
+        self.names = [name for name, _ in model.named_parameters()]
+        self.shadow = [p.detach().clone() for p in model.parameters()]
 
     def current_decay(self) -> float:
         """With warmup, min(decay, (1 + n) / (10 + n)) so a short run's EMA is not stuck at init."""
@@ -20,8 +31,24 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        decay = self.current_decay()
-        ema = [p for p in self.model.parameters()]
         new = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema, new, 1.0 - decay)
+        torch._foreach_lerp_(self.shadow, new, 1.0 - self.current_decay())
         self.updates += 1
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full CPU tensors by parameter name (a collective under FSDP: every process must call it)."""
+        return {name: _full(t).detach().contiguous().cpu().clone() for name, t in zip(self.names, self.shadow)}
+
+    @torch.no_grad()
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        missing = [n for n in self.names if n not in tensors]
+        if missing:
+            raise ValueError(f"EMA weights lack {missing[:5]}")
+        for name, t in zip(self.names, self.shadow):
+            full = tensors[name].to(t.dtype)
+            if hasattr(t, "full_tensor"):  # keep our shard of the full tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                t.copy_(distribute_tensor(full.to(t.device_mesh.device_type), t.device_mesh, t.placements))
+            else:
+                t.copy_(full)

@@ -1,14 +1,28 @@
 """The training loop: data -> objective(model) -> AdamW with warmup, clipping, EMA, checkpoints, logs, samples.
 
 It knows nothing about the model beyond model(x, t, y) and nothing about the objective beyond loss().
+
+Reliability (docs/reliability.md):
+- `--resume` continues bit for bit from the last complete checkpoint, after a clean stop or a kill -9 at any
+  moment. A run directory that has its config.toml but no checkpoint yet (killed before the first one) is
+  started again from step 0, which is exactly what it would have computed; a directory without config.toml
+  has nothing to resume and is an error.
+- A step whose loss or gradient norm is NaN/Inf is skipped: no optimizer or EMA update, but the step counter,
+  the LR schedule, the data order and the noise RNG advance as usual, so the run stays a pure function of its
+  config. log.jsonl marks it `"skipped": true` and every record carries the running total `bad_steps`;
+  `train.max_bad_steps` such steps in a row stop the run with a TrainingError naming the last checkpoint.
+- A failed write (disk full, read-only, permissions) stops the run with a TrainingError that names the path,
+  the errno and the intact last checkpoint; an unwritable --out is reported before any work.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import random
 import time
-from contextlib import nullcontext
+import warnings
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +30,14 @@ import torch
 
 from patchflow.config import ConfigError, RunConfig, load_config
 from patchflow.data import ResumableBatchSampler, build_dataset
+from patchflow.flow.guidance import drop_labels
 from patchflow.flow.objective import build_objective
 from patchflow.pipeline import build_model, generate, resolve_device, save_grid, to_uint8
-from patchflow.train.checkpoint import latest_checkpoint, load_into, load_state, load_weights, save_checkpoint
+from patchflow.train import distributed
+from patchflow.train.checkpoint import (atomic_write_text, latest_checkpoint, load_into, load_state, load_weights,
+                                        save_checkpoint, step_of)
 from patchflow.train.ema import EMA
+from patchflow.train.errors import TrainingError
 
 
 def warmup_lambda(warmup_steps: int):
@@ -43,7 +61,30 @@ def _truncate_log(path: Path, step: int) -> None:
                 keep.append(line)
         except (ValueError, KeyError):
             continue  # a line cut by the crash
-    path.write_text("".join(k + "\n" for k in keep))
+    atomic_write_text(path, "".join(k + "\n" for k in keep))  # a second crash here must not lose the log
+
+
+def _describe_os_error(e: OSError) -> str:
+    """'No space left on device [ENOSPC] at /path' from an OSError."""
+    code = errno.errorcode.get(e.errno, f"errno {e.errno}") if e.errno else "no errno"
+    where = f" at {e.filename}" if e.filename else ""
+    return f"{e.strerror or e} [{code}]{where}"
+
+
+def _prepare_out_dir(out: Path) -> None:
+    """Create the run directory and prove it is writable, so a bad --out fails before any work."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(f"cannot write to the run directory {out}: {_describe_os_error(e)}; "
+                            f"pick another --out") from e
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # JSON has no NaN/Inf
 
 
 class Trainer:
@@ -59,74 +100,148 @@ class Trainer:
                 raise ConfigError(f"--resume: [model] differs from the run's {config_path}; a run keeps its model")
         elif config_path.is_file():
             raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or pick another --out")
-        self.out.mkdir(parents=True, exist_ok=True)
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
-        _seed_everything(t.seed)
-        self.device = resolve_device(t.device)
+        self.dist, self.device = distributed.init(resolve_device(t.device))
+        self.main = self.dist.main
+        distributed.barrier(self.dist)  # every process has checked the run directory before the main one writes
+        if self.main:
+            _prepare_out_dir(self.out)
+        _seed_everything(t.seed)  # the same initial weights on every process
         self.dataset = build_dataset(cfg.data, "train")
-        self.model = build_model(cfg).to(self.device)
-        self.ema = EMA(self.model, t.ema_decay, t.ema_warmup)
+        self.net = build_model(cfg).to(self.device)  # the model itself; self.model may be its DDP/FSDP wrapper
+        self.net.checkpoint_every = t.activation_checkpointing
+        if t.compile:
+            self.net.compile_blocks()
+        self.sharded = self.dist.world > 1 and t.parallel == "fsdp"
+        self.model = distributed.wrap(self.net, t.parallel, self.dist)
+        self.ema = EMA(self.net, t.ema_decay, t.ema_warmup)
         self.objective = build_objective(cfg.flow, cfg.model.learn_sigma)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=tuple(t.betas),
                                      weight_decay=t.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda(t.warmup_steps))
         self.generator = torch.Generator(self.device).manual_seed(t.seed)
         self.step = 0
+        self.bad_steps = 0   # non-finite steps skipped so far
+        self.bad_streak = 0  # ... of which the latest ones in a row
         if resume:
             self._restore()
-        else:
-            (self.out / "config.toml").write_text(cfg.to_toml())
-        (self.out / "config.toml").write_text(cfg.to_toml())  # a resume may extend steps etc.
+        # atomic: a kill here must not leave a cut config.toml (a resume may change steps etc., so rewrite it)
+        if self.main:
+            with self._stop_on_os_error("the run's config.toml"):
+                atomic_write_text(config_path, cfg.to_toml())
 
     # ---- state -------------------------------------------------------------------------------
     def _state(self) -> dict:
+        """Everything but the weights, identical on every process (randomness is drawn for the global batch)."""
         return {
             "step": self.step,
-            "optimizer": self.opt.state_dict(),
+            "optimizer": None if self.sharded else self.opt.state_dict(),  # sharded runs keep it in sharded/
             "scheduler": self.sched.state_dict(),
             "ema_updates": self.ema.updates,
+            "world_size": self.dist.world,
             "torch_rng": torch.get_rng_state(),
             "generator": self.generator.get_state(),
             "python_rng": list(random.getstate()[1]),
+            "bad_steps": self.bad_steps,
+            "bad_streak": self.bad_streak,
         }
 
     def _restore(self) -> None:
         ckpt = latest_checkpoint(self.out)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint in {self.out / 'checkpoints'}")
-        load_into(self.model, load_weights(ckpt / "model.safetensors"), source=str(ckpt / "model.safetensors"))
-        load_into(self.ema.model, load_weights(ckpt / "ema.safetensors"), source=str(ckpt / "ema.safetensors"))
+        if ckpt is None:  # killed before its first checkpoint: step 0 is all there is to continue from
+            if self.main:
+                _truncate_log(self.out / "log.jsonl", 0)
+                print(f"--resume: {self.out} has no checkpoint yet; starting it again from step 0")
+            return
         state = load_state(ckpt / "state.pt")
+        if (ckpt / "sharded").is_dir():  # written by FSDP: DCP reshards onto however many processes run now
+            distributed.load_sharded(ckpt / "sharded", self.model, self.opt)
+        elif self.sharded:
+            raise ConfigError(f"--resume: {ckpt} was written without FSDP; resume it with train.parallel = "
+                              f"\"ddp\" (any number of processes), then FSDP runs can continue from its next "
+                              f"checkpoint")
+        else:
+            load_into(self.net, load_weights(ckpt / "model.safetensors"), source=str(ckpt / "model.safetensors"))
+            self.opt.load_state_dict(state["optimizer"])
+        self.ema.load_state_dict(load_weights(ckpt / "ema.safetensors"))
         self.step = int(state["step"])
-        self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.ema.updates = int(state["ema_updates"])
         torch.set_rng_state(state["torch_rng"])
         self.generator.set_state(state["generator"])
         random.setstate((3, tuple(state["python_rng"]), None))
-        _truncate_log(self.out / "log.jsonl", self.step)
-        print(f"resumed from {ckpt} at step {self.step}")
+        self.bad_steps, self.bad_streak = int(state.get("bad_steps", 0)), int(state.get("bad_streak", 0))
+        if self.main:
+            _truncate_log(self.out / "log.jsonl", self.step)
+            print(f"resumed from {ckpt} at step {self.step}")
 
     def save(self) -> Path:
-        return save_checkpoint(self.out, self.step, self.model, self.ema.model, self._state(),
-                               keep=self.cfg.train.keep_checkpoints)
+        t = self.cfg.train
+        model_sd = distributed.full_model_state(self.model, self.sharded)  # collectives: every process
+        ema_sd = self.ema.state_dict()
+        shards = (lambda folder: distributed.save_sharded(folder, self.model, self.opt)) if self.sharded else None
+        with self._stop_on_os_error(f"checkpoint step {self.step} in {self.out / 'checkpoints'}"):
+            return save_checkpoint(self.out, self.step, model_sd, ema_sd, self._state(), keep=t.keep_checkpoints,
+                                   keep_every=t.keep_every, shards=shards, main=self.main,
+                                   barrier=lambda: distributed.barrier(self.dist))
 
-    def write_samples(self) -> Path:
-        """A grid from the EMA model: one column per class, cfg.sample settings."""
+    # ---- failures ----------------------------------------------------------------------------
+    def _last_checkpoint_note(self) -> str:
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
+            return f"No checkpoint was written yet in {self.out / 'checkpoints'}."
+        return (f"The last good checkpoint {ckpt} (step {step_of(ckpt)}) is intact; "
+                f"`patchflow train ... --out {self.out} --resume` continues from it.")
+
+    @contextmanager
+    def _stop_on_os_error(self, what: str):
+        """A failed write (disk full, read-only, permissions) stops the run with a message, not a traceback."""
+        try:
+            yield
+        except OSError as e:
+            raise TrainingError(f"could not write {what} at step {self.step}: {_describe_os_error(e)}. "
+                                f"Training stopped. {self._last_checkpoint_note()}") from e
+
+    def _count_bad_step(self, finite: bool) -> None:
+        """Track skipped non-finite steps: a total for the log and the current streak for max_bad_steps."""
+        if finite:
+            self.bad_streak = 0
+            return
+        self.bad_steps += 1
+        self.bad_streak += 1
+        warnings.warn(f"step {self.step}: non-finite loss or gradient norm; step skipped (weights, optimizer and "
+                      f"EMA unchanged), {self.bad_streak} in a row (train.max_bad_steps = "
+                      f"{self.cfg.train.max_bad_steps})", RuntimeWarning, stacklevel=3)
+
+    def _too_many_bad_steps(self) -> TrainingError:
+        first = self.step - self.bad_streak + 1
+        return TrainingError(
+            f"training stopped at step {self.step}: {self.bad_streak} steps in a row ({first}..{self.step}) had a "
+            f"non-finite loss or gradient norm (train.max_bad_steps = {self.cfg.train.max_bad_steps}). They were "
+            f"skipped, so the weights are finite. {self._last_checkpoint_note()} A resume with the same settings "
+            f"repeats the same steps: lower train.lr or check the data first.")
+
+    def write_samples(self) -> Path | None:
+        """A grid from the EMA weights, one column per class, cfg.sample settings; the main process draws it."""
+        ema_sd = self.ema.state_dict()  # a collective when sharded
+        if not self.main:
+            return None
         m = self.cfg.model
         rows = max(1, min(10, 100 // m.num_classes))
         labels = torch.arange(m.num_classes).repeat(rows)
-        was_training = self.ema.model.training
-        x = generate(self.ema.model, self.cfg, labels, device=self.device)
-        self.ema.model.train(was_training)
+        if not hasattr(self, "_sampler_model"):  # a plain copy of the model for the EMA weights
+            self._sampler_model = build_model(self.cfg).to(self.device).eval().requires_grad_(False)
+        self._sampler_model.load_state_dict(ema_sd)
+        x = generate(self._sampler_model, self.cfg, labels, device=self.device)
         path = self.out / "samples" / f"step_{self.step:07d}.png"
         path.parent.mkdir(exist_ok=True)
         save_grid(to_uint8(x)[:, 0], path, nrow=m.num_classes)
         return path
 
     # ---- loop --------------------------------------------------------------------------------
-    def train_step(self, batches) -> tuple[float, float]:
+    def train_step(self, batches) -> tuple[float, float, bool]:
+        """One optimizer step; returns (loss, grad norm, finite). A non-finite step updates nothing but counters."""
         t = self.cfg.train
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if t.precision == "bf16"
                     else nullcontext())
@@ -135,61 +250,94 @@ class Trainer:
         for _ in range(t.grad_accum):
             x0, y = next(batches)
             x0, y = x0.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            y = drop_labels(y, self.cfg.model.num_classes, self.cfg.model.class_dropout_prob, self.generator,
+                            self.dist.shard)
             with autocast:
-                loss = self.objective.loss(lambda x, s: self.model(x, s, y), x0, self.generator).mean()
+                loss = self.objective.loss(lambda x, s: self.model(x, s, y), x0, self.generator,
+                                           shard=self.dist.shard).mean()
             (loss / t.grad_accum).backward()
             total += loss.item() / t.grad_accum
+        total = distributed.mean(total, self.dist, self.device)  # each process holds the mean of an equal share
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-        self.opt.step()
-        self.sched.step()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        finite = math.isfinite(total) and math.isfinite(grad_norm)
+        if finite:  # a NaN/Inf update would poison the weights, Adam's moments and the EMA for good
+            self.opt.step()
+            self.ema.update(self.net)
+        self.sched.step()  # the schedule follows the step counter, skipped or not
         self.opt.zero_grad(set_to_none=True)
-        self.ema.update(self.model)
         self.step += 1
-        return total, grad_norm
+        return total, grad_norm, finite
 
     def fit(self) -> Path:
         t = self.cfg.train
-        sampler = ResumableBatchSampler(len(self.dataset), t.batch_size, seed=t.seed, start=self.step * t.grad_accum)
+        sampler = ResumableBatchSampler(len(self.dataset), t.batch_size, seed=t.seed, start=self.step * t.grad_accum,
+                                        shard=self.dist.shard)
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
                                              pin_memory=self.device.type == "cuda",
-                                             # its own generator: iter() must not draw from the global RNG
-                                             generator=torch.Generator().manual_seed(t.seed))
+                                             # its own generator (per process): iter() must not draw from the
+                                             # global RNG, and workers get per-process seeds
+                                             generator=torch.Generator().manual_seed(t.seed + self.dist.rank))
         batches = iter(loader)
-        log = open(self.out / "log.jsonl", "a")
+        log_path = self.out / "log.jsonl"
+        log = None
+        if self.main:
+            with self._stop_on_os_error(str(log_path)):
+                log = open(log_path, "a")
         bar = None
-        if self.progress:
+        if self.progress and self.main:
             from tqdm.auto import tqdm
             bar = tqdm(total=t.steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
         images_per_step = t.batch_size * t.grad_accum
-        window_start, window_losses = time.perf_counter(), []
+        window_start, window_steps, window_losses = time.perf_counter(), 0, []
         try:
             while self.step < t.steps:
-                loss, grad_norm = self.train_step(batches)
-                window_losses.append(loss)
+                loss, grad_norm, finite = self.train_step(batches)
+                self._count_bad_step(finite)
+                window_steps += 1
+                if finite:
+                    window_losses.append(loss)
                 if bar is not None:
                     bar.update(1)
-                if self.step % t.log_every == 0 or self.step == t.steps:
+                if self.step % t.log_every == 0 or self.step == t.steps or not finite:  # skipped steps always logged
                     elapsed = time.perf_counter() - window_start
-                    rate = images_per_step * len(window_losses) / max(elapsed, 1e-9)
-                    record = {"step": self.step, "loss": loss, "loss_avg": sum(window_losses) / len(window_losses),
-                              "grad_norm": grad_norm, "lr": self.sched.get_last_lr()[0], "images_per_s": rate}
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{record['loss_avg']:.4f}", img_s=f"{rate:.0f}")
-                    window_start, window_losses = time.perf_counter(), []
+                    rate = images_per_step * window_steps / max(elapsed, 1e-9)
+                    avg = sum(window_losses) / len(window_losses) if window_losses else None
+                    record = {"step": self.step, "loss": _finite_or_none(loss), "loss_avg": avg,
+                              "grad_norm": _finite_or_none(grad_norm), "lr": self.sched.get_last_lr()[0],
+                              "images_per_s": rate, "bad_steps": self.bad_steps}
+                    if not finite:
+                        record["skipped"] = True
+                    if log is not None:
+                        with self._stop_on_os_error(str(log_path)):
+                            log.write(json.dumps(record) + "\n")
+                            log.flush()
+                    if bar is not None and avg is not None:
+                        bar.set_postfix(loss=f"{avg:.4f}", img_s=f"{rate:.0f}")
+                    window_start, window_steps, window_losses = time.perf_counter(), 0, []
+                if self.bad_streak >= t.max_bad_steps:
+                    raise self._too_many_bad_steps()
                 if self.step % t.checkpoint_every == 0 or self.step == t.steps:
                     self.save()
                 if t.sample_every and (self.step % t.sample_every == 0 or self.step == t.steps):
-                    self.write_samples()
+                    with self._stop_on_os_error(f"samples in {self.out / 'samples'}"):
+                        self.write_samples()
                     window_start = time.perf_counter()  # sampling time is not training throughput
         finally:
-            log.close()
+            try:
+                if log is not None:
+                    log.close()
+            except OSError:
+                pass  # a full disk fails the flush again; the error that stopped the run is already on its way
             if bar is not None:
                 bar.close()
         return self.out
 
 
 def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
-    return Trainer(cfg, out_dir, resume=resume, progress=progress).fit()
+    """Train on this process, or as one of torchrun's processes (WORLD_SIZE > 1): DDP or FSDP2."""
+    try:
+        return Trainer(cfg, out_dir, resume=resume, progress=progress).fit()
+    finally:
+        distributed.shutdown()

@@ -1,0 +1,66 @@
+"""FLOPs in DiT's convention: multiply-accumulates (MACs) of matmuls and attention, forward pass.
+
+DiT reports "Gflops" that are MACs (DiT-XL/2 at 256px: 118.6); FLOPs = 2 x MACs. A training step costs
+about 3x the forward (backward = 2x forward). Elementwise ops are not counted, as in the paper.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.utils.flop_counter as flop_counter
+
+from patchflow.models.dit import DiTConfig
+
+
+def dit_forward_macs(cfg: DiTConfig, frames: int | None = None, size: int | tuple[int, int] | None = None) -> int:
+    """Analytic forward MACs of one sample of `DiT(cfg)` at a latent (T, H, W) (defaults from cfg)."""
+    t = frames or cfg.frames
+    h, w = (size, size) if isinstance(size, int) else (size or (cfg.input_size, cfg.input_size))
+    p, d = cfg.patch_size, cfg.hidden_size
+    n = t * (h // p) * (w // p)
+    mlp = int(d * cfg.mlp_ratio)
+    per_token = (cfg.in_channels * p * p * d                          # patch embedding
+                 + cfg.depth * (4 * d * d + 2 * d * mlp + 2 * n * d)  # qkv + proj, MLP, QK^T and AV
+                 + d * p * p * cfg.out_channels)                      # final linear
+    per_sample = 256 * d + d * d + cfg.depth * 6 * d * d + 2 * d * d  # timestep MLP, adaLN, final adaLN
+    return n * per_token + per_sample
+
+
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel SDPA picks on CPUs.
+_CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
+def counted_forward_flops(model: torch.nn.Module, *inputs) -> int:
+    """FLOPs (2 x MACs) of model(*inputs) counted by PyTorch's FlopCounterMode, attention included."""
+    counter = flop_counter.FlopCounterMode(display=False, custom_mapping=_CPU_SDPA)
+    with torch.inference_mode(), counter:
+        model(*inputs)
+    return counter.get_total_flops()
+
+
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5,
+                        device: str | torch.device = "cpu") -> float:
+    """Best FLOP/s of an n^3 matmul in `dtype` on `device`: the peak that MFU is measured against."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for i in range(reps + 1):
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        if i:  # the first run warms up
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def mfu(images_per_s: float, forward_macs: int, peak_flops: float) -> float:
+    """Model FLOPs utilisation of training: 3 x forward FLOPs per image against the peak."""
+    return 3 * 2 * forward_macs * images_per_s / peak_flops
