@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import zipfile
@@ -19,7 +20,8 @@ def cmd_train(args) -> None:
     cfg = load_config(args.config, args.set)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     train(cfg, out, resume=args.resume, progress=not args.quiet)
-    print(f"run written to {out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
+        print(f"run written to {out}")
 
 
 def _labels_from_args(args, num_classes: int) -> np.ndarray:

@@ -101,11 +101,12 @@ class TrainConfig:
     max_bad_steps: int = 5                # stop after this many consecutive steps with a NaN/Inf loss or gradient
     sample_every: int = 500               # 0 disables sample grids during training
     device: str = "auto"                  # "auto", "cpu", "cuda", "cuda:1", ...
-    precision: str = "fp32"               # "fp32" or "bf16" (autocast)
+    precision: str = "fp32"               # "fp32", "bf16" (autocast) or "fp16" (autocast + grad scaler, GPUs)
     num_threads: int = 0                  # torch intra-op threads on CPU; 0 keeps torch's default
     parallel: str = "ddp"                 # with several processes (torchrun): "ddp" or "fsdp" (FSDP2, sharded)
     activation_checkpointing: int = 0     # recompute blocks in backward: 0 none, 1 every block, k every k-th
     compile: bool = False                 # torch.compile the transformer blocks (dynamic token and batch dims)
+    peak_tflops: float = 0.0              # device peak for the logged MFU; 0 measures a matmul once per run
 
     def validate(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "max_bad_steps"):
@@ -119,7 +120,9 @@ class TrainConfig:
             raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
-        _choice("train.precision", self.precision, ("fp32", "bf16"))
+        _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        if self.peak_tflops < 0:
+            raise ConfigError(f"train.peak_tflops must be >= 0 (0 measures the peak once), got {self.peak_tflops}")
         _choice("train.parallel", self.parallel, ("ddp", "fsdp"))
         if not 0 <= self.seed < 2**31:
             raise ConfigError(f"train.seed must be in 0..2**31-1, got {self.seed}")

@@ -78,3 +78,33 @@ def test_sharded_checkpoint_from_two_processes_resumes_in_one(single, tmp_path):
     a, b = weights(single), weights(out)
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4)
+
+
+def test_tampered_shard_cannot_run_code(tmp_path):
+    """DCP unpickles non-tensor values (optimizer hyperparameters); patchflow reads them with weights_only."""
+    from pathlib import Path
+
+    from patchflow.train.distributed import load_sharded, save_sharded
+
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    opt.param_groups[0]["eps"] = Payload()
+    save_sharded(Path(tmp_path / "ck"), model, opt)
+    fresh = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="refusing to load optim.param_groups.0.eps"):
+        load_sharded(Path(tmp_path / "ck"), fresh, torch.optim.AdamW(fresh.parameters()))
+    assert not marker.exists()
+    meta = tmp_path / "ck" / ".metadata"  # and a metadata file that would run code is refused too
+    import pickle
+    meta.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ValueError, match="refusing to load posix.system|refusing to load os.system"):
+        load_sharded(Path(tmp_path / "ck"), fresh, torch.optim.AdamW(fresh.parameters()))
+    assert not marker.exists()

@@ -106,7 +106,13 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, storage_reader=SafeFileSystemReader(str(path)))
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=_safe_load_planner())
+    except CheckpointException as e:  # DCP wraps each process's error; show the reason, not the wrapper
+        reasons = {str(err).splitlines()[0] for err, _ in e.failures.values()} if hasattr(e, "failures") else {str(e)}
+        raise ValueError(f"{path}: cannot load this sharded checkpoint: {'; '.join(sorted(reasons))}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
@@ -142,8 +148,28 @@ class _MetadataUnpickler(pickle.Unpickler):
         if (module, name) in (("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
                               ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")):
             return getattr(__import__(module), name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata "
-                                     "(only DCP metadata records are allowed)")
+        raise ValueError(f"refusing to load {module}.{name} from sharded checkpoint metadata "
+                         "(only torch.distributed.checkpoint's own records are allowed)")
+
+
+def _safe_load_planner():
+    """DCP's default planner unpickles non-tensor values (optimizer hyperparameters) with weights_only=False;
+    this one reads them with weights_only=True, so a tampered shard cannot run code."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            try:
+                loaded = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise ValueError(f"refusing to load {read_item.dest_index.fqn} from a sharded checkpoint: it holds "
+                                 f"objects other than tensors and plain values ({str(e).splitlines()[0]})") from None
+            value = io.BytesIO()
+            torch.save(loaded, value)  # hand the default planner a file that holds only safe objects
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    return Planner()
 
 
 def _safe_reader_class():

@@ -30,6 +30,7 @@ import torch
 
 from patchflow.config import ConfigError, RunConfig, load_config
 from patchflow.data import ResumableBatchSampler, build_dataset
+from patchflow.flops import dit_forward_macs, measure_matmul_peak, mfu
 from patchflow.flow.guidance import drop_labels
 from patchflow.flow.objective import build_objective
 from patchflow.pipeline import build_model, generate, resolve_device, save_grid, to_uint8
@@ -104,6 +105,9 @@ class Trainer:
             torch.set_num_threads(t.num_threads)
         self.dist, self.device = distributed.init(resolve_device(t.device))
         self.main = self.dist.main
+        if t.batch_size % self.dist.world:
+            raise ConfigError(f"train.batch_size = {t.batch_size} is the global batch and must be divisible by the "
+                              f"{self.dist.world} processes")
         distributed.barrier(self.dist)  # every process has checked the run directory before the main one writes
         if self.main:
             _prepare_out_dir(self.out)
@@ -114,6 +118,17 @@ class Trainer:
         if t.compile:
             self.net.compile_blocks()
         self.sharded = self.dist.world > 1 and t.parallel == "fsdp"
+        if self.device.type == "cuda":  # TF32 matmuls: fp32 training at tensor-core speed
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        elif t.precision == "fp16":
+            raise ConfigError("train.precision = \"fp16\" needs a CUDA device (its grad scaler is for GPUs); "
+                              "use \"bf16\" on CPUs")
+        self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+        self.forward_macs = dit_forward_macs(cfg.model)
+        self.peak_flops = t.peak_tflops * 1e12 or measure_matmul_peak(
+            torch.float32 if t.precision == "fp32" else torch.bfloat16 if t.precision == "bf16" else torch.float16,
+            n=1024 if self.device.type == "cpu" else 8192, reps=3, device=self.device)
         self.model = distributed.wrap(self.net, t.parallel, self.dist)
         self.ema = EMA(self.net, t.ema_decay, t.ema_warmup)
         self.objective = build_objective(cfg.flow, cfg.model.learn_sigma)
@@ -138,6 +153,7 @@ class Trainer:
             "step": self.step,
             "optimizer": None if self.sharded else self.opt.state_dict(),  # sharded runs keep it in sharded/
             "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
             "ema_updates": self.ema.updates,
             "world_size": self.dist.world,
             "torch_rng": torch.get_rng_state(),
@@ -167,6 +183,8 @@ class Trainer:
         self.ema.load_state_dict(load_weights(ckpt / "ema.safetensors"))
         self.step = int(state["step"])
         self.sched.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.ema.updates = int(state["ema_updates"])
         torch.set_rng_state(state["torch_rng"])
         self.generator.set_state(state["generator"])
@@ -243,8 +261,8 @@ class Trainer:
     def train_step(self, batches) -> tuple[float, float, bool]:
         """One optimizer step; returns (loss, grad norm, finite). A non-finite step updates nothing but counters."""
         t = self.cfg.train
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if t.precision == "bf16"
-                    else nullcontext())
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
         self.model.train()
         total = 0.0
         for _ in range(t.grad_accum):
@@ -255,14 +273,24 @@ class Trainer:
             with autocast:
                 loss = self.objective.loss(lambda x, s: self.model(x, s, y), x0, self.generator,
                                            shard=self.dist.shard).mean()
-            (loss / t.grad_accum).backward()
+            scaled = loss / t.grad_accum
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += loss.item() / t.grad_accum
         total = distributed.mean(total, self.dist, self.device)  # each process holds the mean of an equal share
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
+        if self.scaler:
+            self.scaler.unscale_(self.opt)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         finite = math.isfinite(total) and math.isfinite(grad_norm)
-        if finite:  # a NaN/Inf update would poison the weights, Adam's moments and the EMA for good
+        if self.scaler:  # fp16: an overflowing gradient only lowers the loss scale; the scaler skips the step
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            if math.isfinite(total) and self.scaler.get_scale() >= scale:
+                self.ema.update(self.net)
+            finite = math.isfinite(total)
+        elif finite:  # a NaN/Inf update would poison the weights, Adam's moments and the EMA for good
             self.opt.step()
             self.ema.update(self.net)
         self.sched.step()  # the schedule follows the step counter, skipped or not
@@ -306,7 +334,8 @@ class Trainer:
                     avg = sum(window_losses) / len(window_losses) if window_losses else None
                     record = {"step": self.step, "loss": _finite_or_none(loss), "loss_avg": avg,
                               "grad_norm": _finite_or_none(grad_norm), "lr": self.sched.get_last_lr()[0],
-                              "images_per_s": rate, "bad_steps": self.bad_steps}
+                              "images_per_s": rate, "mfu": mfu(rate, self.forward_macs, self.peak_flops * self.dist.world),
+                              "bad_steps": self.bad_steps}
                     if not finite:
                         record["skipped"] = True
                     if log is not None:
@@ -314,7 +343,7 @@ class Trainer:
                             log.write(json.dumps(record) + "\n")
                             log.flush()
                     if bar is not None and avg is not None:
-                        bar.set_postfix(loss=f"{avg:.4f}", img_s=f"{rate:.0f}")
+                        bar.set_postfix(loss=f"{avg:.4f}", img_s=f"{rate:.0f}", mfu=f"{100 * record['mfu']:.0f}%")
                     window_start, window_steps, window_losses = time.perf_counter(), 0, []
                 if self.bad_streak >= t.max_bad_steps:
                     raise self._too_many_bad_steps()
