@@ -30,9 +30,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.utils.flop_counter as flop_counter
 
 from patchflow.config import FlowConfig
+from patchflow.flops import counted_forward_flops, measure_matmul_peak
 from patchflow.flow import rectified
 from patchflow.flow.guidance import classifier_free
 from patchflow.flow.objective import RectifiedFlowObjective
@@ -102,34 +102,16 @@ def parameter_report(pf: Impl, df: Impl) -> dict:
 
 # ------------------------------------------------------------------------------------------------ FLOPs
 
-def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return flop_counter.sdpa_flop_count(query, key, value)
-
-
-# FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel SDPA picks here.
-CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
-
-
 def forward_flops(impl: Impl, cfg: DiTConfig) -> int:
     """FLOPs of one forward of batch 1 (matmuls, convs, attention; elementwise ops are not counted)."""
     x = torch.randn(1, cfg.in_channels, cfg.input_size, cfg.input_size)
     t, y = torch.full((1,), 500.0), torch.zeros(1, dtype=torch.long)
-    counter = flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_SDPA)
-    with torch.inference_mode(), counter:
-        impl.forward(x, t, y)
-    return counter.get_total_flops()
+    return counted_forward_flops(impl.forward, x, t, y)
 
 
 def matmul_peak(dtype: torch.dtype, n: int, reps: int) -> float:
-    """Best GFLOP/s of an n x n x n matmul (2 n^3 FLOPs) in `dtype`, over `reps` timed runs after one warmup."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    torch.mm(a, b)
-    best = math.inf
-    for _ in range(reps):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best / 1e9
+    """Best GFLOP/s of an n^3 matmul in `dtype` (patchflow.flops.measure_matmul_peak)."""
+    return measure_matmul_peak(dtype, n=n, reps=reps) / 1e9
 
 
 # ------------------------------------------------------------------------------------------------ steps

@@ -86,8 +86,6 @@ def _check_sampler(args, cfg) -> None:
 
 
 def _sample_run(args, labels: np.ndarray) -> np.ndarray:
-    import torch
-
     from patchflow.pipeline import Pipeline
 
     pipe = Pipeline.load(args.run_dir, ema=not args.no_ema, device=args.device)

@@ -31,7 +31,9 @@ from patchflow.models.dit import DiT
 PRESET = tomllib.loads((PRESET_DIR / "digits.toml").read_text())
 FIELDS = {name: {f.name: f.type for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
 # 150 examples per test keeps the file at seconds; PATCHFLOW_FUZZ_EXAMPLES=5000 hunts deeper
+# the default run is derandomized so CI is repeatable; setting PATCHFLOW_FUZZ_EXAMPLES explores fresh inputs
 FUZZ = settings(max_examples=int(os.environ.get("PATCHFLOW_FUZZ_EXAMPLES", 150)), deadline=None,
+                derandomize="PATCHFLOW_FUZZ_EXAMPLES" not in os.environ,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 # ------------------------------------------------------------------------------------------ value strategies

@@ -1,6 +1,4 @@
 """FLOPs in DiT's convention and the measured memory plan."""
-import dataclasses
-
 import pytest
 import torch
 
