@@ -63,7 +63,7 @@ from torch import Tensor
 from patchflow.config import FlowConfig, RunConfig, SampleConfig, from_dict, tomllib
 from patchflow.models.dit import DIT_SIZES, DiT, DiTConfig
 from patchflow.models.embed import sincos_3d
-from patchflow.train.checkpoint import atomic_save_safetensors, atomic_write_text
+from patchflow.train.checkpoint import atomic_save_safetensors, atomic_write_text, layout_mismatch
 
 __all__ = [
     "OFFICIAL_NUM_HEADS",
@@ -107,20 +107,9 @@ def _names(keys) -> str:
 
 def _check_keys(found: dict[str, Tensor], expected: dict[str, tuple[int, ...]], source: str) -> None:
     """Strict: every expected key present, nothing unexpected, every shape right; the error lists what is off."""
-    missing = set(expected) - set(found)
-    unexpected = set(found) - set(expected)
-    wrong = sorted(k for k in set(expected) & set(found) if tuple(found[k].shape) != expected[k])
-    if not (missing or unexpected or wrong):
-        return
-    parts = []
-    if missing:
-        parts.append(f"missing keys: {_names(missing)}")
-    if unexpected:
-        parts.append(f"unexpected keys: {_names(unexpected)}")
-    if wrong:
-        shown = ", ".join(f"{k!r} is {tuple(found[k].shape)}, expected {expected[k]}" for k in wrong[:_LIST])
-        parts.append(f"wrong shapes: {shown}" + (f" ... and {len(wrong) - _LIST} more" if len(wrong) > _LIST else ""))
-    raise ValueError(f"{source} does not have the expected DiT layout; " + "; ".join(parts))
+    problem = layout_mismatch(found, expected, limit=_LIST)
+    if problem:
+        raise ValueError(f"{source} does not have the expected DiT layout; {problem}")
 
 
 def _require(state_dict: dict, keys, source: str) -> None:

@@ -228,20 +228,31 @@ def load_state(path: Path) -> dict:
     return state
 
 
+def _names(keys, limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(repr(k) for k in keys[:limit]) + more
+
+
+def layout_mismatch(found: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], limit: int = 8) -> str:
+    """'' when `found` has exactly the expected keys and shapes, else what is missing, unexpected or misshapen."""
+    missing = set(expected) - set(found)
+    unexpected = set(found) - set(expected)
+    wrong = sorted(k for k in set(expected) & set(found) if tuple(found[k].shape) != tuple(expected[k]))
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {_names(missing, limit)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {_names(unexpected, limit)}")
+    if wrong:
+        shown = ", ".join(f"{k!r} is {tuple(found[k].shape)}, expected {tuple(expected[k])}" for k in wrong[:limit])
+        parts.append(f"wrong shapes: {shown}" + (f" ... and {len(wrong) - limit} more" if len(wrong) > limit else ""))
+    return "; ".join(parts)
+
+
 def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Strict load with a message that lists what is missing or unexpected."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        if wrong:
-            parts.append("shape mismatch " + ", ".join(f"{k}: {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
-                                                       for k in wrong[:5]))
-        raise ValueError(f"{source} does not match the model config: " + "; ".join(parts))
+    """Strict load with a message that lists what is missing, unexpected or misshapen."""
+    problem = layout_mismatch(tensors, {k: tuple(v.shape) for k, v in module.state_dict().items()})
+    if problem:
+        raise ValueError(f"{source} does not match the model config: {problem}")
     module.load_state_dict(tensors, strict=True)
