@@ -62,7 +62,11 @@ def wrap(model: nn.Module, strategy: str, d: Dist) -> nn.Module:
         ids = [d.local_rank] if next(model.parameters()).is_cuda else None
         return DistributedDataParallel(model, device_ids=ids)
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:
+            raise ValueError(f"train.parallel = \"fsdp\" needs FSDP2 (torch >= 2.6); this is torch "
+                             f"{torch.__version__}: use \"ddp\" or upgrade torch") from None
 
         for block in model.blocks:
             fully_shard(block)
