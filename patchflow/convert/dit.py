@@ -63,7 +63,7 @@ from torch import Tensor
 from patchflow.config import FlowConfig, RunConfig, SampleConfig, from_dict, tomllib
 from patchflow.models.dit import DIT_SIZES, DiT, DiTConfig
 from patchflow.models.embed import sincos_3d
-from patchflow.train.checkpoint import atomic_save_safetensors, atomic_write_text, layout_mismatch
+from patchflow.train.checkpoint import atomic_save_safetensors, atomic_write_text, layout_mismatch, name_list
 
 __all__ = [
     "OFFICIAL_NUM_HEADS",
@@ -99,12 +99,6 @@ def _expected_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _names(keys) -> str:
-    keys = sorted(keys)
-    more = f" ... and {len(keys) - _LIST} more" if len(keys) > _LIST else ""
-    return ", ".join(repr(k) for k in keys[:_LIST]) + more
-
-
 def _check_keys(found: dict[str, Tensor], expected: dict[str, tuple[int, ...]], source: str) -> None:
     """Strict: every expected key present, nothing unexpected, every shape right; the error lists what is off."""
     problem = layout_mismatch(found, expected, limit=_LIST)
@@ -115,8 +109,8 @@ def _check_keys(found: dict[str, Tensor], expected: dict[str, tuple[int, ...]], 
 def _require(state_dict: dict, keys, source: str) -> None:
     missing = [k for k in keys if k not in state_dict]
     if missing:
-        sample = _names(list(state_dict)[:_LIST]) if state_dict else "none"
-        raise ValueError(f"{source}: missing keys: {_names(missing)} (needed to infer the model size); "
+        sample = name_list(list(state_dict)[:_LIST]) if state_dict else "none"
+        raise ValueError(f"{source}: missing keys: {name_list(missing)} (needed to infer the model size); "
                          f"keys found include: {sample}")
 
 
@@ -125,7 +119,7 @@ def _check_tensors(state_dict: dict, source: str) -> None:
         raise ValueError(f"{source}: expected a non-empty dict of tensors, got {type(state_dict).__name__}")
     bad = [k for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
-        raise ValueError(f"{source}: entries that are not named tensors: {_names(map(str, bad))}")
+        raise ValueError(f"{source}: entries that are not named tensors: {name_list(map(str, bad))}")
 
 
 def _check_pos_embed(table: Tensor, cfg: DiTConfig, source: str) -> None:
@@ -355,7 +349,7 @@ def load_diffusers_dit(model_dir) -> tuple[dict, dict[str, Tensor]]:
             tensors.update(load_file(str(d / shard)))
         absent = set(weight_map) - set(tensors)
         if absent:
-            raise ValueError(f"{d}: the shards lack keys listed in the index: {_names(absent)}")
+            raise ValueError(f"{d}: the shards lack keys listed in the index: {name_list(absent)}")
         return config, tensors
     if any(d.glob("*.bin")):
         raise ValueError(f"{d} holds only pickled .bin weights, which patchflow does not unpickle; re-save the "

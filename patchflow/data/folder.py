@@ -116,9 +116,3 @@ class ImageFolderDataset(ScannedDataset):
     def load(self, i: int) -> torch.Tensor:
         x = load_image(self.items[i][0], self.image_size, self.channels, self.alpha_background)
         return x[:, None]  # (C, H, W) -> (C, T=1, H, W)
-
-    def target(self, i: int) -> int:
-        return self.items[i][1]
-
-    def name(self, i: int) -> str:
-        return str(self.items[i][0])

@@ -45,21 +45,22 @@ class SkipLog:
 class ScannedDataset(torch.utils.data.Dataset):
     """Base of the file data sets: `self.items` holds the good items found by the scan in the constructor.
 
-    Subclasses set `items`, `skipped` and implement `load(i)` (the tensor), `target(i)` (label or caption) and
-    `name(i)` (the file, for messages). Items are (load(j), target(j)) where j is i or its substitute.
+    Subclasses set `items` as (path, target) pairs and `skipped`, and implement `load(i)` (the tensor); the
+    target is a label or a caption. Items are (load(j), target(j)) where j is i or its substitute.
     """
 
-    items: list
+    items: list[tuple]
     skipped: list[tuple[str, str]]
 
     def load(self, i: int) -> torch.Tensor:
         raise NotImplementedError
 
     def target(self, i: int):
-        raise NotImplementedError
+        return self.items[i][1]
 
     def name(self, i: int) -> str:
-        raise NotImplementedError
+        """The file, for messages."""
+        return str(self.items[i][0])
 
     def __len__(self) -> int:
         return len(self.items)

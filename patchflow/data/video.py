@@ -179,9 +179,3 @@ class VideoFolderDataset(ScannedDataset):
 
     def load(self, i: int) -> torch.Tensor:
         return self._read(self.items[i][0])
-
-    def target(self, i: int) -> int:
-        return self.items[i][1]
-
-    def name(self, i: int) -> str:
-        return str(self.items[i][0])

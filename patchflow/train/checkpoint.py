@@ -228,7 +228,8 @@ def load_state(path: Path) -> dict:
     return state
 
 
-def _names(keys, limit: int = 8) -> str:
+def name_list(keys, limit: int = 8) -> str:
+    """'a', 'b' ... and N more: sorted keys for an error message."""
     keys = sorted(keys)
     more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(repr(k) for k in keys[:limit]) + more
@@ -241,9 +242,9 @@ def layout_mismatch(found: dict[str, torch.Tensor], expected: dict[str, tuple[in
     wrong = sorted(k for k in set(expected) & set(found) if tuple(found[k].shape) != tuple(expected[k]))
     parts = []
     if missing:
-        parts.append(f"missing keys: {_names(missing, limit)}")
+        parts.append(f"missing keys: {name_list(missing, limit)}")
     if unexpected:
-        parts.append(f"unexpected keys: {_names(unexpected, limit)}")
+        parts.append(f"unexpected keys: {name_list(unexpected, limit)}")
     if wrong:
         shown = ", ".join(f"{k!r} is {tuple(found[k].shape)}, expected {tuple(expected[k])}" for k in wrong[:limit])
         parts.append(f"wrong shapes: {shown}" + (f" ... and {len(wrong) - limit} more" if len(wrong) > limit else ""))

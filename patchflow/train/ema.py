@@ -17,8 +17,7 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True):
         """model: the plain, DDP-unwrapped or FSDP-sharded module whose parameters are averaged."""
         self.decay, self.warmup, self.updates = decay, warmup, 0
-        if any(True for _ in model.buffers(recurse=True)) and model.state_dict().keys() != dict(
-                model.named_parameters()).keys():
+        if model.state_dict().keys() != dict(model.named_parameters()).keys():
             raise ValueError("EMA averages parameters only; this model has persistent buffers")
         self.names = [name for name, _ in model.named_parameters()]
         self.shadow = [p.detach().clone() for p in model.parameters()]
