@@ -6,17 +6,24 @@ of several timed windows after warmup.
 
   train:  one rectified-flow training step (x_t = (1-t) x0 + t eps, target eps - x0, logit-normal t,
           the model sees t * 1000), backward, AdamW step, zero_grad. The loss code is patchflow's
-          `patchflow.flow.rectified` for both models, so the two steps differ only in the model.
+          `patchflow.flow.rectified` for both models. Each side steps its optimizer the way its own training
+          code does: patchflow the trainer's `patchflow.train.optim.adamw` (the fused kernel), diffusers a
+          plain `torch.optim.AdamW` as in its training examples.
   sample: one classifier-free-guided Euler step on a batch (cond + uncond in one doubled forward), under
           torch.inference_mode for both. patchflow goes through the `classifier_free` wrapper and the
           objective's Euler sampler exactly as `patchflow.pipeline.generate` does; diffusers doubles the
           latent and appends the null class as its DiTPipeline does, takes `.sample`, combines the halves.
           Reported as images/s for a 20-step sample.
 
-MFU = achieved model FLOP/s / a measured matmul peak of this machine (see --help and bench/README.md).
+Precision is chosen per side: `--precision bf16 --diffusers-precision fp32` puts patchflow's bf16 autocast
+beside diffusers in fp32 (each user's default); by default both run the same precision.
+
+MFU = achieved model FLOP/s / a measured matmul peak of this machine in that side's precision (see --help and
+bench/README.md).
 
     python bench/train_throughput.py                       # S/2 @ 8,32 and Mini/4 @ 8,32,128
     python bench/train_throughput.py --config mini --batch 8 --quick
+    python bench/train_throughput.py --config s2 b2 --precision bf16 --diffusers-precision fp32
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ from patchflow.flow import rectified
 from patchflow.flow.guidance import classifier_free
 from patchflow.flow.objective import RectifiedFlowObjective
 from patchflow.models.dit import DiT, DiTConfig
+from patchflow.train.optim import adamw
 
 SAMPLE_STEPS = 20        # images/s for sampling are quoted for a sample of this many Euler steps
 GUIDANCE = 4.0           # DiTPipeline's default guidance scale
@@ -60,7 +68,8 @@ class Impl:
     name: str
     model: torch.nn.Module
     forward: object
-    optimizer: torch.optim.Optimizer | None = None
+    optimizer: torch.optim.Optimizer
+    precision: str = "fp32"               # "fp32" or "bf16" (torch.autocast)
     fwd_flops: int = 0                    # forward FLOPs per image (batch-1 forward, counted)
 
 
@@ -72,7 +81,7 @@ def patchflow_config(preset: str, size: int, channels: int, classes: int) -> DiT
 
 def build_patchflow(cfg: DiTConfig) -> Impl:
     model = DiT(cfg)
-    return Impl("patchflow", model, lambda x, t, y: model(x, t, y))
+    return Impl("patchflow", model, lambda x, t, y: model(x, t, y), adamw(model.parameters(), lr=LR))
 
 
 def build_diffusers(cfg: DiTConfig) -> Impl:
@@ -82,7 +91,8 @@ def build_diffusers(cfg: DiTConfig) -> Impl:
         num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads,
         in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.depth,
         sample_size=cfg.input_size, patch_size=cfg.patch_size, num_embeds_ada_norm=cfg.num_classes)
-    return Impl("diffusers", model, lambda x, t, y: model(x, timestep=t, class_labels=y).sample)
+    return Impl("diffusers", model, lambda x, t, y: model(x, timestep=t, class_labels=y).sample,
+                torch.optim.AdamW(model.parameters(), lr=LR))
 
 
 def num_params(model: torch.nn.Module) -> int:
@@ -122,12 +132,10 @@ def autocast(precision: str):
     return contextlib.nullcontext()
 
 
-def train_step_fn(impl: Impl, x0: torch.Tensor, y: torch.Tensor, precision: str):
+def train_step_fn(impl: Impl, x0: torch.Tensor, y: torch.Tensor):
     """A closure running one full training step of `impl` on the fixed batch (x0, y)."""
     impl.model.train()
-    if impl.optimizer is None:
-        impl.optimizer = torch.optim.AdamW(impl.model.parameters(), lr=LR)
-    opt = impl.optimizer
+    opt, precision = impl.optimizer, impl.precision
 
     def velocity(xt: torch.Tensor, s: torch.Tensor) -> torch.Tensor:   # flow time s in [0, 1] -> model units
         return impl.forward(xt, s * rectified.TIME_SCALE, y)
@@ -144,9 +152,10 @@ def train_step_fn(impl: Impl, x0: torch.Tensor, y: torch.Tensor, precision: str)
     return step
 
 
-def patchflow_sample_step_fn(impl: Impl, cfg: DiTConfig, noise: torch.Tensor, y: torch.Tensor, precision: str):
+def patchflow_sample_step_fn(impl: Impl, cfg: DiTConfig, noise: torch.Tensor, y: torch.Tensor):
     """One guided Euler step through patchflow's pipeline path (classifier_free + objective.sample)."""
     impl.model.eval()
+    precision = impl.precision
     objective = RectifiedFlowObjective(FlowConfig())
     null = torch.full_like(y, cfg.num_classes)
     guided = classifier_free(impl.model, y, null, GUIDANCE, interval=(0.0, 1.0), t_max=objective.t_max)
@@ -159,9 +168,10 @@ def patchflow_sample_step_fn(impl: Impl, cfg: DiTConfig, noise: torch.Tensor, y:
     return step
 
 
-def diffusers_sample_step_fn(impl: Impl, cfg: DiTConfig, noise: torch.Tensor, y: torch.Tensor, precision: str):
+def diffusers_sample_step_fn(impl: Impl, cfg: DiTConfig, noise: torch.Tensor, y: torch.Tensor):
     """One guided Euler step done the DiTPipeline way: doubled latent, labels + null class, `.sample`, combine."""
     impl.model.eval()
+    precision = impl.precision
     labels = torch.cat([y, torch.full_like(y, cfg.num_classes)])
     t, t_next = 1.0, 1.0 - 1.0 / SAMPLE_STEPS
 
@@ -253,14 +263,14 @@ def print_row(r: Row) -> None:
                       f"{r.patchflow_tflops:.4f}", f"{r.diffusers_tflops:.4f}")), flush=True)
 
 
-def make_row(config: str, batch: int, mode: str, rates: dict, pf: Impl, df: Impl, peak_gflops: float) -> Row:
+def make_row(config: str, batch: int, mode: str, rates: dict, pf: Impl, df: Impl, peaks: dict) -> Row:
     """Medians of the windows; model FLOPs per image are 3 x forward for training, 2 x forward (the doubled
     CFG batch) per sampling step. Sampling rates come in per step and are reported per SAMPLE_STEPS sample."""
     per_image = 3 if mode == "train" else 2
     per_sample = 1 if mode == "train" else SAMPLE_STEPS
     med = {name: statistics.median(r) for name, r in rates.items()}
     tflops = {impl.name: per_image * impl.fwd_flops * med[impl.name] / 1e12 for impl in (pf, df)}
-    mfu = {name: tf * 1e3 / peak_gflops for name, tf in tflops.items()}
+    mfu = {impl.name: tflops[impl.name] * 1e3 / peaks[impl.precision] for impl in (pf, df)}
     return Row(config, batch, mode, med["patchflow"] / per_sample, med["diffusers"] / per_sample,
                tflops["patchflow"], tflops["diffusers"], mfu["patchflow"], mfu["diffusers"],
                windows={name: [v / per_sample for v in r] for name, r in rates.items()})
@@ -268,11 +278,12 @@ def make_row(config: str, batch: int, mode: str, rates: dict, pf: Impl, df: Impl
 
 # ------------------------------------------------------------------------------------------------- main
 
-def bench_config(name: str, batches, args, timing: Timing, peak_gflops: float, rows: list, info: dict) -> None:
+def bench_config(name: str, batches, args, timing: Timing, peaks: dict, rows: list, info: dict) -> None:
     preset, size, channels, classes, _ = CONFIGS[name]
     cfg = patchflow_config(preset, size, channels, classes)
     torch.manual_seed(0)
     pf, df = build_patchflow(cfg), build_diffusers(cfg)
+    pf.precision, df.precision = args.precision, args.diffusers_precision
     params = parameter_report(pf, df)
     for impl in (pf, df):
         impl.fwd_flops = forward_flops(impl, cfg)
@@ -291,14 +302,35 @@ def bench_config(name: str, batches, args, timing: Timing, peak_gflops: float, r
         x0 = torch.randn(batch, channels, size, size)
         y = torch.randint(0, classes, (batch,))
         modes = {
-            "train": {i.name: train_step_fn(i, x0, y, args.precision) for i in (pf, df)},
-            "sample": {"patchflow": patchflow_sample_step_fn(pf, cfg, x0, y, args.precision),
-                       "diffusers": diffusers_sample_step_fn(df, cfg, x0, y, args.precision)},
+            "train": {i.name: train_step_fn(i, x0, y) for i in (pf, df)},
+            "sample": {"patchflow": patchflow_sample_step_fn(pf, cfg, x0, y),
+                       "diffusers": diffusers_sample_step_fn(df, cfg, x0, y)},
         }
         for mode, steps in modes.items():
-            row = make_row(name, batch, mode, interleaved_rates(steps, batch, timing), pf, df, peak_gflops)
+            row = make_row(name, batch, mode, interleaved_rates(steps, batch, timing), pf, df, peaks)
             rows.append(row)
             print_row(row)
+
+
+def add_common_args(p: argparse.ArgumentParser, warmup: int, windows: int) -> None:
+    """Precision per side, threads and timing knobs: the options every side-by-side bench shares."""
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="patchflow's precision: fp32 (default), or bf16 = torch.autocast('cpu', bfloat16); its MFU "
+                        "is then against a bf16 matmul peak")
+    p.add_argument("--diffusers-precision", choices=("fp32", "bf16"), default=None,
+                   help="diffusers' precision (default: the same as --precision)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--warmup", type=int, default=warmup, help=f"untimed calls per implementation (default {warmup})")
+    p.add_argument("--windows", type=int, default=windows,
+                   help=f"timed windows per implementation; the median is reported (default {windows})")
+    p.add_argument("--min-window", type=float, default=2.0, help="seconds a timed window should last at least (default 2)")
+    p.add_argument("--json", metavar="FILE", help="also write every figure here")
+
+
+def apply_common_args(args: argparse.Namespace) -> None:
+    args.diffusers_precision = args.diffusers_precision or args.precision
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -307,44 +339,39 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="which models (default: s2 and mini)")
     p.add_argument("--batch", nargs="+", type=int, default=None,
                    help="batch sizes for every chosen config (default: s2/b2 8 32, mini 8 32 128)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="fp32 (default), or bf16 = torch.autocast('cpu', bfloat16) for both models; the peak is "
-                        "then a bf16 matmul")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 warmup call, 3 windows of 1 call, 1024^3 peak")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls per implementation and mode (default 3)")
-    p.add_argument("--windows", type=int, default=7, help="timed windows per implementation; the median is reported (default 7)")
-    p.add_argument("--min-window", type=float, default=2.0, help="seconds a timed window should last at least (default 2)")
-    p.add_argument("--json", metavar="FILE", help="also write every figure (and each window's rate) here")
+    add_common_args(p, warmup=3, windows=7)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_common_args(args)
     if args.quick:
         timing, peak_n, peak_reps = Timing(warmup=1, windows=3, min_window_s=0.0), 1024, 10
     else:
         timing, peak_n, peak_reps = Timing(args.warmup, args.windows, args.min_window), 2048, 10
     import diffusers
 
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    peak = matmul_peak(dtype, peak_n, peak_reps)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peaks = {p: matmul_peak(dtypes[p], peak_n, peak_reps) for p in sorted({args.precision, args.diffusers_precision})}
+    precisions = f"patchflow {args.precision}, diffusers {args.diffusers_precision}"
     env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-           "precision": args.precision, "timing": asdict(timing), "sample_steps": SAMPLE_STEPS,
-           "guidance": GUIDANCE, "peak_gflops": peak, "peak_matmul": f"{peak_n}^3 {args.precision}"}
-    print(f"torch {env['torch']}, diffusers {env['diffusers']}, {env['threads']} threads, {args.precision}; "
+           "precision": {"patchflow": args.precision, "diffusers": args.diffusers_precision},
+           "timing": asdict(timing), "sample_steps": SAMPLE_STEPS, "guidance": GUIDANCE,
+           "peak_gflops": peaks, "peak_matmul": f"{peak_n}^3"}
+    print(f"torch {env['torch']}, diffusers {env['diffusers']}, {env['threads']} threads, {precisions}; "
           f"timing: {timing.warmup} warmup, median of {timing.windows} interleaved windows of >= "
           f"{timing.min_window_s:g}s")
-    print(f"matmul peak ({peak_n}^3 {args.precision}, best of {peak_reps}): {peak:.1f} GFLOP/s")
+    for p, peak in peaks.items():
+        print(f"matmul peak ({peak_n}^3 {p}, best of {peak_reps}): {peak:.1f} GFLOP/s")
     rows, info = [], {}
     for name in args.config or DEFAULT_RUN:
-        bench_config(name, args.batch or CONFIGS[name][4], args, timing, peak, rows, info)
+        bench_config(name, args.batch or CONFIGS[name][4], args, timing, peaks, rows, info)
     print(f"\nratio = patchflow / diffusers images/s (> 1: patchflow faster). sample img/s are for a "
-          f"{SAMPLE_STEPS}-step CFG sample (scale {GUIDANCE}). MFU = model FLOP/s / matmul peak; train counts "
-          f"3x forward FLOPs per image, sample 2x (cond + uncond) per step.")
+          f"{SAMPLE_STEPS}-step CFG sample (scale {GUIDANCE}). MFU = model FLOP/s / matmul peak of that side's "
+          f"precision; train counts 3x forward FLOPs per image, sample 2x (cond + uncond) per step.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "configs": info,

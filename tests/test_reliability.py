@@ -1,4 +1,5 @@
-"""Reliability of training: kill -9 and exact resume, crash-safe checkpoints, safe loading, NaN steps, full disks.
+"""Reliability of training: kill -9 and exact resume, crash-safe checkpoints, safe loading, NaN steps, full disks,
+SIGTERM (preemption).
 
 Every run here is the tiny DiT-Micro/4 setting of test_train_cli.py on one thread; the reference is one
 uninterrupted 24-step run, and every interrupted run must end bitwise equal to it.
@@ -24,7 +25,7 @@ from patchflow.config import ConfigError, load_config
 from patchflow.flow.objective import RectifiedFlowObjective
 from patchflow.train.checkpoint import (CheckpointError, checkpoints_to_keep, latest_checkpoint, list_checkpoints,
                                         load_state, load_weights)
-from patchflow.train.trainer import Trainer, train
+from patchflow.train.trainer import PREEMPTED_EXIT_CODE, Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.preset=\"DiT-Micro/4\"", "train.batch_size=16", "train.lr=1e-3", "train.log_every=1",
@@ -331,3 +332,29 @@ def test_unwritable_output_directory_fails_before_training(tmp_path, capsys, whe
     assert f"cannot write to the run directory {out}" in err and "Traceback" not in err
     assert ("[ENOTDIR]" if where == "under_a_file" else "[EEXIST]") in err
     assert time.perf_counter() - t0 < 10  # before the data set and the model are built
+
+
+# ---- 6. preemption: SIGTERM ----------------------------------------------------------------------------------
+def test_sigterm_checkpoints_the_current_step_exits_75_and_resume_is_bitwise_exact(reference, tmp_path, capsys):
+    out, log = tmp_path / "run", tmp_path / "run" / "log.jsonl"
+    transcript = tmp_path / "stdout.txt"
+    workers = "data.num_workers=1"  # a DataLoader worker gets the signal too, as under SLURM
+    with open(transcript, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "patchflow"] + cli_args(out, workers), cwd=REPO, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
+        deadline = time.monotonic() + 120
+        while _lines(log) < 4:  # some progress, past the first regular checkpoint (step 3)
+            assert proc.poll() is None and time.monotonic() < deadline, "the training subprocess made no progress"
+            time.sleep(0.003)
+        os.killpg(proc.pid, signal.SIGTERM)  # every process of the job, as SLURM and `kill -TERM -PGID` do
+        assert proc.wait(timeout=60) == PREEMPTED_EXIT_CODE == 75
+    stopped = read_log(out)[-1]["step"]
+    ckpt = out / "checkpoints" / f"step_{stopped:07d}"
+    assert 4 <= stopped < STEPS and latest_checkpoint(out) == ckpt and load_state(ckpt / "state.pt")["step"] == stopped
+    said = transcript.read_text()
+    assert f"stopped by SIGTERM after step {stopped} of {STEPS}: checkpoint {ckpt} is written" in said
+    assert "--resume" in said and "Traceback" not in said
+    assert main(cli_args(out, workers, resume=True)) == 0
+    assert f"resumed from {ckpt} at step {stopped}" in capsys.readouterr().out
+    assert_same_run(out, reference)

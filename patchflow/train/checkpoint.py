@@ -120,39 +120,58 @@ def _write_folder(folder: Path, model_sd: dict, ema_sd: dict, state: dict) -> No
         _fsync_dir(d)
 
 
+def _together(fn, first_error) -> None:
+    """Run fn, then every process learns whether any process failed and raises: a bare barrier would leave the
+    others waiting forever for a process that stopped."""
+    try:
+        fn()
+    except Exception as e:
+        first_error(e)
+        raise
+    error = first_error(None)
+    if error is not None:
+        raise error
+
+
 def save_checkpoint(run_dir: Path, step: int, model_sd: dict | None, ema_sd: dict | None, state: dict | None,
                     keep: int = 0, keep_every: int = 0, shards=None, main: bool = True,
-                    barrier=lambda: None) -> Path:
+                    first_error=lambda error: error) -> Path:
     """Write checkpoints/step_N atomically, point `latest` at it, refresh the run's top-level weights, prune.
 
-    model_sd / ema_sd are full CPU state dicts. With several processes every process calls this:
-    `shards(folder)` (a collective torch.distributed.checkpoint save of the sharded model and optimizer)
-    writes into the temp folder first, then the main process alone writes the rest and renames.
-    An OSError (disk full, read-only) removes the partial temp folder and propagates; `latest` and every
-    complete checkpoint are untouched. Any other crash leaves the temp folder for the next save to remove.
+    model_sd / ema_sd are full CPU state dicts (needed on the main process only). With several processes every
+    process calls this: `shards(folder)` (a collective torch.distributed.checkpoint save of the sharded model and
+    optimizer) writes into the temp folder first, then the main process alone writes the rest and renames.
+    Between the phases `first_error(error or None)` (distributed.first_error) tells every process about a failure
+    anywhere, so all of them raise it. An OSError (disk full, read-only) removes the partial temp folder and
+    propagates; `latest` and every complete checkpoint are untouched. Any other crash leaves the temp folder for
+    the next save to remove.
     """
     run_dir = Path(run_dir)
     root = run_dir / "checkpoints"
     name = f"{STEP_PREFIX}{step:07d}"
     final, tmp = root / name, root / f"{TMP_PREFIX}{name}"
-    if main:
-        root.mkdir(parents=True, exist_ok=True)
-        _remove_leftovers(root)
-    barrier()
+
+    def prepare():
+        if main:
+            root.mkdir(parents=True, exist_ok=True)
+            _remove_leftovers(root)
+
+    def publish():
+        if main:
+            _remove_on_os_error(tmp, lambda: _write_folder(tmp, model_sd, ema_sd, state))
+            if final.exists():  # left by a run that crashed after this step; ours replaces it
+                _discard(final)
+            os.rename(tmp, final)
+            _fsync_dir(root)
+            atomic_write_text(root / "latest", name + "\n")
+            atomic_save_safetensors(model_sd, run_dir / "model.safetensors")
+            atomic_save_safetensors(ema_sd, run_dir / "ema.safetensors")
+            prune_checkpoints(run_dir, step, keep, keep_every)
+
+    _together(prepare, first_error)
     if shards is not None:
-        _remove_on_os_error(tmp, lambda: shards(tmp / "sharded"))
-        barrier()
-    if main:
-        _remove_on_os_error(tmp, lambda: _write_folder(tmp, model_sd, ema_sd, state))
-        if final.exists():  # left by a run that crashed after this step; ours replaces it
-            _discard(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        atomic_write_text(root / "latest", name + "\n")
-        atomic_save_safetensors(model_sd, run_dir / "model.safetensors")
-        atomic_save_safetensors(ema_sd, run_dir / "ema.safetensors")
-        prune_checkpoints(run_dir, step, keep, keep_every)
-    barrier()
+        _together(lambda: _remove_on_os_error(tmp, lambda: shards(tmp / "sharded")), first_error)
+    _together(publish, first_error)
     return final
 
 

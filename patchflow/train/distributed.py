@@ -10,6 +10,7 @@ import enum
 import io
 import os
 import pickle
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,8 +53,9 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, strategy: str, d: Dist) -> nn.Module:
-    """DDP, or FSDP2 (`fully_shard` on every block, then the root)."""
+def wrap(model: nn.Module, strategy: str, d: Dist, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """DDP, or FSDP2 (`fully_shard` on every block, then the root). param_dtype (FSDP only): the dtype weights
+    are gathered and computed in; the sharded master weights, gradients and AdamW states stay fp32."""
     if d.world == 1:
         return model
     if strategy == "ddp":
@@ -63,15 +65,32 @@ def wrap(model: nn.Module, strategy: str, d: Dist) -> nn.Module:
         return DistributedDataParallel(model, device_ids=ids)
     if strategy == "fsdp":
         try:
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         except ImportError:
             raise ValueError(f"train.parallel = \"fsdp\" needs FSDP2 (torch >= 2.6); this is torch "
                              f"{torch.__version__}: use \"ddp\" or upgrade torch") from None
 
+        # inputs keep their dtype: timesteps (0..999) and the fp32 residual stream must not be rounded to bf16;
+        # autocast still casts what each matmul needs
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
         for block in model.blocks:
-            fully_shard(block)
-        return fully_shard(model)
+            fully_shard(block, mp_policy=mp)
+        return fully_shard(model, mp_policy=mp)
     raise ValueError(f"unknown train.parallel {strategy!r}; choose 'ddp' or 'fsdp'")
+
+
+@contextmanager
+def grad_sync(model: nn.Module, sync: bool):
+    """Forward and backward of one micro-batch; with sync=False its gradients only accumulate locally (DDP's
+    no_sync, FSDP2's set_requires_gradient_sync), and the next synced backward reduces the sum once."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+        yield
+    elif hasattr(model, "no_sync") and not sync:  # DDP
+        with model.no_sync():
+            yield
+    else:
+        yield
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -92,14 +111,48 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:
+    """True on every process if `flag` is True on any, so all processes take the same branch."""
+    if d.world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def first_error(error: Exception | None, d: Dist) -> Exception | None:
+    """A barrier that also spreads failures: this process's error, else the first other process's (an OSError
+    keeps its errno, text and path, so every process reports the same message), else None."""
+    if d.world == 1:
+        return error
+    errors: list = [None] * d.world
+    dist.all_gather_object(errors, _portable(error, d.rank))
+    dist.barrier()  # no process may leave and close the group while another still receives the gather (gloo aborts)
+    return error if error is not None else next((e for e in errors if e is not None), None)
+
+
+def _portable(error: Exception | None, rank: int) -> Exception | None:
+    """A plain copy that pickles (exception subclasses with extra arguments may not)."""
+    if error is None:
+        return None
+    if isinstance(error, OSError) and error.errno is not None:
+        return OSError(error.errno, error.strerror, error.filename)
+    return RuntimeError(f"process {rank}: {type(error).__name__}: {error}")
+
+
 # ---- sharded checkpoints ---------------------------------------------------------------------------------
 def save_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Model and optimizer as DCP shards: each process writes its own part (a collective)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=dcp.FileSystemWriter(str(path)))
+    try:
+        dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=dcp.FileSystemWriter(str(path)))
+    except CheckpointException as e:  # every process gets it (DCP gathers failures): raise the first as itself
+        rank = min(e.failures)
+        raise _portable(e.failures[rank][0], rank) from None
 
 
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

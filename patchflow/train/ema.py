@@ -1,7 +1,8 @@
 """Exponential moving average of the trainable weights, updated in place with fused foreach ops.
 
-The shadow tensors are clones of the parameters, so under FSDP they are sharded exactly like them and
-the update needs no communication; `state_dict()` gathers full tensors when they are needed.
+The shadow tensors are clones of the parameters, so under FSDP they are sharded exactly like them (fp32, like
+the sharded master weights) and the update needs no communication; `state_dict()` gathers full tensors when they
+are needed, and only the process that saves them keeps a copy.
 """
 from __future__ import annotations
 
@@ -34,9 +35,17 @@ class EMA:
         torch._foreach_lerp_(self.shadow, new, 1.0 - self.current_decay())
         self.updates += 1
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Full CPU tensors by parameter name (a collective under FSDP: every process must call it)."""
-        return {name: _full(t).detach().contiguous().cpu().clone() for name, t in zip(self.names, self.shadow)}
+    def state_dict(self, keep: bool = True) -> dict[str, torch.Tensor] | None:
+        """Full CPU tensors by parameter name, or None where keep is False. Under FSDP a collective (every process
+        calls it): tensors are gathered one at a time and only processes with keep=True hold them in full."""
+        if not keep and not any(hasattr(t, "full_tensor") for t in self.shadow):
+            return None
+        out = {}
+        for name, t in zip(self.names, self.shadow):
+            full = _full(t)
+            if keep:
+                out[name] = full.detach().contiguous().cpu().clone()
+        return out if keep else None
 
     @torch.no_grad()
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:

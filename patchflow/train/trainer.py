@@ -12,7 +12,10 @@ Reliability (docs/reliability.md):
   config. log.jsonl marks it `"skipped": true` and every record carries the running total `bad_steps`;
   `train.max_bad_steps` such steps in a row stop the run with a TrainingError naming the last checkpoint.
 - A failed write (disk full, read-only, permissions) stops the run with a TrainingError that names the path,
-  the errno and the intact last checkpoint; an unwritable --out is reported before any work.
+  the errno and the intact last checkpoint; an unwritable --out is reported before any work. A checkpoint write
+  that fails on one process stops every process with that same error.
+- SIGTERM (a scheduler's preemption notice) finishes the current step, writes a checkpoint and exits with
+  PREEMPTED_EXIT_CODE; all processes agree on the step. `--resume` continues from it bit for bit.
 """
 from __future__ import annotations
 
@@ -20,6 +23,9 @@ import errno
 import json
 import math
 import random
+import signal
+import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -38,7 +44,23 @@ from patchflow.train import distributed
 from patchflow.train.checkpoint import (atomic_write_text, latest_checkpoint, load_into, load_state, load_weights,
                                         save_checkpoint, step_of)
 from patchflow.train.ema import EMA
+from patchflow.train.optim import adamw
 from patchflow.train.errors import TrainingError
+
+
+PREEMPTED_EXIT_CODE = 75  # sysexits' EX_TEMPFAIL: stopped on request after a checkpoint; rerun with --resume
+
+
+class Preempted(SystemExit):
+    """SIGTERM stopped training after a checkpoint. A SystemExit, so the CLI exits with PREEMPTED_EXIT_CODE
+    (its handlers map errors to exit code 2); Python callers may catch it."""
+
+    def __init__(self, message: str):
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def warmup_lambda(warmup_steps: int):
@@ -82,6 +104,12 @@ def _prepare_out_dir(out: Path) -> None:
     except OSError as e:
         raise TrainingError(f"cannot write to the run directory {out}: {_describe_os_error(e)}; "
                             f"pick another --out") from e
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """Loader workers leave SIGTERM to the trainer (SLURM signals every process of a job), which stops them itself
+    after its checkpoint; a worker killed by it would make the DataLoader raise mid-step."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -129,11 +157,12 @@ class Trainer:
         self.peak_flops = t.peak_tflops * 1e12 or measure_matmul_peak(
             torch.float32 if t.precision == "fp32" else torch.bfloat16 if t.precision == "bf16" else torch.float16,
             n=1024 if self.device.type == "cpu" else 8192, reps=3, device=self.device)
-        self.model = distributed.wrap(self.net, t.parallel, self.dist)
+        # FSDP gathers bf16 weights under bf16 autocast: half the all-gather and unsharded weight memory
+        self.model = distributed.wrap(self.net, t.parallel, self.dist,
+                                      param_dtype=torch.bfloat16 if t.precision == "bf16" else None)
         self.ema = EMA(self.net, t.ema_decay, t.ema_warmup)
         self.objective = build_objective(cfg.flow, cfg.model.learn_sigma)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=tuple(t.betas),
-                                     weight_decay=t.weight_decay)
+        self.opt = adamw(self.model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda(t.warmup_steps))
         self.generator = torch.Generator(self.device).manual_seed(t.seed)
         self.step = 0
@@ -197,12 +226,12 @@ class Trainer:
     def save(self) -> Path:
         t = self.cfg.train
         model_sd = distributed.full_model_state(self.model, self.sharded)  # collectives: every process
-        ema_sd = self.ema.state_dict()
+        ema_sd = self.ema.state_dict(keep=self.main)  # only the writing process holds the full EMA
         shards = (lambda folder: distributed.save_sharded(folder, self.model, self.opt)) if self.sharded else None
         with self._stop_on_os_error(f"checkpoint step {self.step} in {self.out / 'checkpoints'}"):
             return save_checkpoint(self.out, self.step, model_sd, ema_sd, self._state(), keep=t.keep_checkpoints,
                                    keep_every=t.keep_every, shards=shards, main=self.main,
-                                   barrier=lambda: distributed.barrier(self.dist))
+                                   first_error=lambda error: distributed.first_error(error, self.dist))
 
     # ---- failures ----------------------------------------------------------------------------
     def _last_checkpoint_note(self) -> str:
@@ -240,9 +269,17 @@ class Trainer:
             f"skipped, so the weights are finite. {self._last_checkpoint_note()} A resume with the same settings "
             f"repeats the same steps: lower train.lr or check the data first.")
 
+    def _preempted(self, ckpt: Path) -> Preempted:
+        message = (f"stopped by SIGTERM after step {self.step} of {self.cfg.train.steps}: checkpoint {ckpt} is "
+                   f"written; `patchflow train ... --out {self.out} --resume` continues from it "
+                   f"(exit code {PREEMPTED_EXIT_CODE})")
+        if self.main:
+            print(f"patchflow train: {message}", file=sys.stderr, flush=True)
+        return Preempted(message)
+
     def write_samples(self) -> Path | None:
         """A grid from the EMA weights, one column per class, cfg.sample settings; the main process draws it."""
-        ema_sd = self.ema.state_dict()  # a collective when sharded
+        ema_sd = self.ema.state_dict(keep=self.main)  # a collective when sharded
         if not self.main:
             return None
         m = self.cfg.model
@@ -265,16 +302,18 @@ class Trainer:
         autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
         self.model.train()
         total = 0.0
-        for _ in range(t.grad_accum):
+        for i in range(t.grad_accum):
             x0, y = next(batches)
             x0, y = x0.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             y = drop_labels(y, self.cfg.model.num_classes, self.cfg.model.class_dropout_prob, self.generator,
                             self.dist.shard)
-            with autocast:
-                loss = self.objective.loss(lambda x, s: self.model(x, s, y), x0, self.generator,
-                                           shard=self.dist.shard).mean()
-            scaled = loss / t.grad_accum
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            # gradients are reduced across processes once, in the last micro-batch's backward
+            with distributed.grad_sync(self.model, sync=i == t.grad_accum - 1):
+                with autocast:
+                    loss = self.objective.loss(lambda x, s: self.model(x, s, y), x0, self.generator,
+                                               shard=self.dist.shard).mean()
+                scaled = loss / t.grad_accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += loss.item() / t.grad_accum
         total = distributed.mean(total, self.dist, self.device)  # each process holds the mean of an equal share
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
@@ -303,7 +342,7 @@ class Trainer:
         sampler = ResumableBatchSampler(len(self.dataset), t.batch_size, seed=t.seed, start=self.step * t.grad_accum,
                                         shard=self.dist.shard)
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
-                                             pin_memory=self.device.type == "cuda",
+                                             pin_memory=self.device.type == "cuda", worker_init_fn=_ignore_sigterm,
                                              # its own generator (per process): iter() must not draw from the
                                              # global RNG, and workers get per-process seeds
                                              generator=torch.Generator().manual_seed(t.seed + self.dist.rank))
@@ -319,6 +358,9 @@ class Trainer:
             bar = tqdm(total=t.steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
         images_per_step = t.batch_size * t.grad_accum
         window_start, window_steps, window_losses = time.perf_counter(), 0, []
+        sigterm = []  # the handler only records the signal; the loop stops at a step boundary
+        handles = threading.current_thread() is threading.main_thread()  # Python allows handlers only there
+        previous = signal.signal(signal.SIGTERM, lambda *_: sigterm.append(1)) if handles else None
         try:
             while self.step < t.steps:
                 loss, grad_norm, finite = self.train_step(batches)
@@ -347,13 +389,22 @@ class Trainer:
                     window_start, window_steps, window_losses = time.perf_counter(), 0, []
                 if self.bad_streak >= t.max_bad_steps:
                     raise self._too_many_bad_steps()
-                if self.step % t.checkpoint_every == 0 or self.step == t.steps:
-                    self.save()
+                # every step, so all processes stop at the same one (each may get SIGTERM at a different time)
+                stop = distributed.any_rank(bool(sigterm), self.dist, self.device) and self.step < t.steps
+                if self.step % t.checkpoint_every == 0 or self.step == t.steps or stop:
+                    ckpt = self.save()
+                if stop:
+                    if bar is not None:
+                        bar.close()  # before the message, not over it
+                    raise self._preempted(ckpt)
                 if t.sample_every and (self.step % t.sample_every == 0 or self.step == t.steps):
                     with self._stop_on_os_error(f"samples in {self.out / 'samples'}"):
                         self.write_samples()
                     window_start = time.perf_counter()  # sampling time is not training throughput
+            distributed.barrier(self.dist)  # all collectives are done everywhere before any process closes the group
         finally:
+            if handles:  # None: the previous handler was not set from Python
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
             try:
                 if log is not None:
                     log.close()
