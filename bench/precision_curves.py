@@ -85,15 +85,26 @@ def plot(runs: dict, summary: dict, path: Path, args) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (ax, gap) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=(3, 2))
     styles = {"fp32": "-", "bf16": "--"}
     for name, r in runs.items():
         ax.plot(range(1, len(r["smoothed"]) + 1), r["smoothed"], styles[r["precision"]], label=name, linewidth=1.2)
-    ax.set_xlabel("step")
+    ax.set_yscale("log")
     ax.set_ylabel(f"training loss (moving average of {args.window})")
     ax.set_title(f"{args.config}: fp32 vs bf16 autocast ({', '.join(args.set) or 'preset as shipped'})", fontsize=9)
-    ax.set_ylim(top=max(r["smoothed"][args.skip] for r in runs.values()) * 1.05)
     ax.legend()
+    s = {name: r["smoothed"] for name, r in runs.items()}
+    first, second = args.seeds[0], args.seeds[1]
+    pairs = [(f"bf16 - fp32, seed {seed}", s[f"bf16-seed{seed}"], s[f"fp32-seed{seed}"], "-") for seed in args.seeds]
+    pairs += [(f"{p} seed {second} - seed {first} (run-to-run)", s[f"{p}-seed{second}"], s[f"{p}-seed{first}"], ":")
+              for p in PRECISIONS]
+    for label, a, b, style in pairs:
+        gap.plot(range(args.skip + 1, len(a) + 1), [x - y for x, y in zip(a[args.skip:], b[args.skip:])], style,
+                 label=label, linewidth=1.2)
+    gap.axhline(0, color="grey", linewidth=0.5)
+    gap.set_xlabel("step")
+    gap.set_ylabel("difference of smoothed losses")
+    gap.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True

@@ -55,6 +55,7 @@ CONFIGS = {
     "s2": ("DiT-S/2", 32, 4, 1000, (8, 32)),
     "b2": ("DiT-B/2", 32, 4, 1000, (8, 32)),
     "mini": ("DiT-Mini/4", 32, 1, 10, (8, 32, 128)),   # the CPU demo model (configs/digits.toml)
+    "mini28": ("DiT-Mini/4", 28, 1, 10, (8, 32, 128)),  # the same on 28x28 (7x7 tokens), MNIST-sized
 }
 DEFAULT_RUN = ("s2", "mini")
 
