@@ -269,9 +269,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code = run(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one of torchrun's processes
+        # skip interpreter teardown: freeing the model after the process group is gone can abort in gloo's worker
+        # threads (SIGABRT); every file is closed and every checkpoint written by now
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def run(args: argparse.Namespace) -> int:
+    """The chosen command; returns its exit code."""
     from patchflow.train.errors import TrainingError  # no torch: keeps `--help` fast
 
-    args = build_parser().parse_args(argv)
     try:
         args.fn(args)
     except (ValueError, OSError, KeyError, TrainingError) as e:  # OSError: also a path too long, a folder, no access
@@ -281,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact (resume with --resume)", file=sys.stderr)
         return 130
+    except SystemExit as e:  # train's SIGTERM stop (exit code 75) has printed its message already
+        return e.code if isinstance(e.code, int) else 1
     return 0
 
 

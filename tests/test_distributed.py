@@ -145,7 +145,7 @@ def test_tampered_shard_cannot_run_code(tmp_path):
 
 # ---- one 2-process run of small checks on a DiT-Micro (gradient sync, mixed precision, EMA, agreement) ------
 PROBE = r"""
-import json, sys
+import json, os, sys
 from pathlib import Path
 import torch
 from patchflow.config import load_config
@@ -201,6 +201,9 @@ result["ema"] = None if sd is None else {"keys": sorted(sd) == sorted(ref),
 result["any_rank"] = [distributed.any_rank(d.rank == 1, d, device), distributed.any_rank(False, d, device)]
 Path(sys.argv[1], f"probe{d.rank}.json").write_text(json.dumps(result))
 distributed.shutdown()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)  # as the CLI does: interpreter teardown after the group is gone can abort in gloo's threads
 """
 
 
