@@ -62,6 +62,15 @@ def max_diff(a, b) -> float:
     return (a - b).abs().max().item()
 
 
+def compare(ours, reference):
+    """Both models on the same inputs(): (ours, reference's .sample, max abs difference)."""
+    x, t, y = inputs()
+    with torch.no_grad():
+        expected = reference(x, t, y).sample
+        got = ours(x, t, y)
+    return got, expected, max_diff(got, expected)
+
+
 def numpy_pos_embed(dim: int, h: int, w: int) -> np.ndarray:
     """The official recipe: per token (row-major), [1D(col), 1D(row)], 1D = [sin(pos*omega), cos(pos*omega)]."""
     def one_d(d, pos):
@@ -166,13 +175,9 @@ def test_diffusers_dit_converts_to_same_function(tmp_path, out_channels, sharded
     config_text = (run / "config.toml").read_text()
     assert 'objective = "ddpm"' in config_text and 'sampler = "ddpm"' in config_text
 
-    x, t, y = inputs()
-    with torch.no_grad():
-        expected = model(x, t, y).sample
-        got = ours(x, t, y)
-    diff = max_diff(got, expected)
+    got, expected, diff = compare(ours, model)
     print(f"diffusers DiT (out_channels={out_channels}, sharded={sharded}) max abs diff {diff:.2e}")
-    assert got.shape == expected.shape == (len(t), out_channels, SIZE, SIZE)
+    assert got.shape == expected.shape == (5, out_channels, SIZE, SIZE)  # inputs() batch
     assert diff < ATOL
     assert expected.abs().max() > 0.1
 
@@ -214,11 +219,7 @@ def test_official_checkpoint_converts_to_paper_function(tmp_path, fmt):
     assert (ours.config.time_freq_shift, ours.config.mlp_norm_eps, ours.config.num_heads) == (0.0, 1e-6, 4)
     assert ours.config.learn_sigma and ours.config.num_classes == CLASSES and ours.config.input_size == SIZE
 
-    x, t, y = inputs()
-    with torch.no_grad():
-        expected = model(x, t, y).sample
-        got = ours(x, t, y)
-    diff = max_diff(got, expected)
+    got, expected, diff = compare(ours, model)
     print(f"official DiT ({fmt}) max abs diff {diff:.2e}")
     assert diff < ATOL
     assert expected.abs().max() > 0.1
@@ -226,7 +227,7 @@ def test_official_checkpoint_converts_to_paper_function(tmp_path, fmt):
     stock = random_dit(norm_eps=1e-5, heads=4, head_dim=16)
     stock.load_state_dict(model.state_dict())
     with torch.no_grad():
-        assert max_diff(stock(x, t, y).sample, expected) > 1e-4
+        assert max_diff(stock(*inputs()).sample, expected) > 1e-4
 
 
 def test_official_checkpoint_errors(tmp_path, capsys):

@@ -142,6 +142,15 @@ def _preset_name(cfg: DiTConfig) -> str:
     return ""
 
 
+def _name_and_validate(cfg: DiTConfig, problem: str) -> None:
+    """Name the preset the config matches, then validate it; a ValueError says `problem: what is wrong`."""
+    cfg.preset = _preset_name(cfg)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise ValueError(f"{problem}: {e}") from None
+
+
 def _mlp_ratio(hidden: int, mlp_hidden: int, source: str) -> float:
     ratio = mlp_hidden / hidden
     if int(hidden * ratio) != mlp_hidden:
@@ -266,11 +275,7 @@ def official_to_patchflow(state_dict: dict[str, Tensor], num_heads: int | None =
         num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1, class_dropout_prob=0.1,
         learn_sigma=out_channels == 2 * in_channels, time_freq_shift=0.0, mlp_norm_eps=1e-6,
     )
-    cfg.preset = _preset_name(cfg)
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise ValueError(f"{source}: inferred an impossible config: {e}") from None
+    _name_and_validate(cfg, f"{source}: inferred an impossible config")
 
     expected = _expected_shapes(cfg)
     expected["x_embedder.proj.weight"] = (hidden, in_channels, patch, patch)
@@ -397,11 +402,7 @@ def diffusers_to_patchflow(state_dict: dict[str, Tensor], config: dict,
         learn_sigma=out_channels == 2 * in_channels, time_freq_shift=DIFFUSERS_TIME_FREQ_SHIFT,
         mlp_norm_eps=float(config.get("norm_eps", 1e-5)),
     )
-    cfg.preset = _preset_name(cfg)
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise ValueError(f"{source}: config.json describes an impossible DiT: {e}") from None
+    _name_and_validate(cfg, f"{source}: config.json describes an impossible DiT")
 
     # Expected diffusers keys and shapes, derived from patchflow's shapes through the name map.
     ours = _expected_shapes(cfg)
