@@ -1,4 +1,4 @@
-"""`patchflow train | sample | eval | convert | demo`."""
+"""`patchflow train | sample | eval | cache | convert | plan | demo`."""
 from __future__ import annotations
 
 import argparse
@@ -169,6 +169,44 @@ def cmd_convert(args) -> None:
     print(f"wrote run directory {out}")
 
 
+def cmd_cache(args) -> None:
+    from patchflow.config import ConfigError, load_config
+    from patchflow.data.latent_cache import CacheError, build_cache, check_cache, default_cache_dir
+    from patchflow.train.codec import check_model_codec, ensure_codec
+
+    cfg = load_config(args.config, args.set)
+    if cfg.is_codec_run:
+        raise ConfigError(f"{args.config} trains a codec on pixels; `patchflow cache` takes the config of a run "
+                          f"that trains on a codec's latents (codec.source set)")
+    if cfg.codec.source == "identity":
+        raise ConfigError(f"{args.config} has codec.source = \"identity\": it trains on pixels, which need no "
+                          f"cache; set codec.source to a codec (e.g. --set codec.source=\"codec-digits\")")
+    codec = ensure_codec(cfg.codec.source, progress=not args.quiet)
+    check_model_codec(cfg, codec)
+    setting = cfg.codec.cache.strip()
+    if args.out:
+        directory = Path(args.out)
+    elif setting not in ("auto", "off"):
+        directory = Path(setting).expanduser()
+    else:
+        directory = default_cache_dir(cfg.data, codec.identity())
+    if (directory / "cache.json").is_file() and not args.force:
+        try:
+            meta = check_cache(directory, cfg.data, codec.identity())
+            print(f"latent cache {directory} is up to date ({meta['items']} items, latents "
+                  f"{tuple(meta['latent_shape'])}); --force rebuilds it")
+            return
+        except CacheError as e:
+            print(f"rebuilding: {e}")
+    t0 = time.perf_counter()
+    build_cache(directory, cfg.data, codec, progress=not args.quiet)
+    meta = check_cache(directory, cfg.data, codec.identity())
+    print(f"wrote {meta['items']} latents {tuple(meta['latent_shape'])} of {cfg.data.dataset} to {directory} in "
+          f"{time.perf_counter() - t0:.1f}s")
+    if setting == "off":
+        print("note: this config has codec.cache = \"off\"; set codec.cache = \"auto\" or the folder to use it")
+
+
 def cmd_plan(args) -> None:
     from patchflow.config import load_config
     from patchflow.plan import format_plan, make_plan, parse_memory
@@ -250,6 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--num-heads", type=int, help="heads, when the hidden size is not one of DiT-S/B/L/XL")
     p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("cache", help="precompute a data set's latents once for a run on a codec")
+    p.add_argument("config", help="a TOML file or a shipped preset name (e.g. digits-latent)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", help="cache folder (default: codec.cache when it is a folder, else $PATCHFLOW_CACHE/latents/...)")
+    p.add_argument("--force", action="store_true", help="rebuild even when the cache is up to date")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_cache)
 
     p = sub.add_parser("plan", help="parameters, FLOPs, memory per batch size, largest batch that fits")
     p.add_argument("config", help="a TOML file or a shipped preset name")

@@ -18,12 +18,15 @@ else:  # pragma: no cover
     import tomli as tomllib
 import tomli_w
 
+from patchflow.flow.ddpm import PREDICTIONS, SCHEDULES
 from patchflow.flow.rectified import TIMESTEP_SAMPLING
 from patchflow.flow.samplers import SAMPLERS
+from patchflow.codecs.autoencoder import AutoencoderConfig
 from patchflow.models.dit import DiTConfig
 
 PRESET_DIR = Path(__file__).parent / "configs"
 MAX_SAMPLES = 1_000_000  # most samples one command or sample.n may ask for
+WORLDS = ("digits", "color-digits", "moving-digits")  # the built-in data sets (need no data.path)
 
 
 class ConfigError(ValueError):
@@ -39,9 +42,16 @@ class FlowConfig:
     mode_scale: float = 1.29
     shift: float = 1.0                    # timestep shift for training and sampling (SD3 uses 3.0 at 1024px)
     num_timesteps: int = 1000             # DDPM schedule length
+    prediction: str = "eps"               # ddpm: what the model predicts: "eps" (DiT), "v" (Salimans & Ho), "x0"
+    schedule: str = "linear"              # ddpm: "linear" (DiT) or "cosine" (Nichol & Dhariwal)
 
     def validate(self) -> None:
         _choice("flow.objective", self.objective, ("rectified", "ddpm"))
+        _choice("flow.prediction", self.prediction, PREDICTIONS)
+        _choice("flow.schedule", self.schedule, SCHEDULES)
+        if self.objective == "rectified" and (self.prediction, self.schedule) != ("eps", "linear"):
+            raise ConfigError("flow.prediction and flow.schedule are settings of flow.objective = \"ddpm\"; a "
+                              "rectified flow always predicts the velocity on its straight path (leave them out)")
         _choice("flow.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
         _positive("flow.logit_std", self.logit_std)
         _positive("flow.shift", self.shift)
@@ -53,7 +63,8 @@ class FlowConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"               # "digits" (built in), "folder", "captions" (JSONL), "video"
+    dataset: str = "digits"               # built in: "digits", "color-digits", "moving-digits"; "folder", "captions"
+                                          # (JSONL), "video" (a folder of clips)
     seed: int = 0                         # seed of the train/validation split
     num_workers: int = 0
     path: str = ""                        # folder / captions .jsonl / video folder; unused by digits
@@ -66,12 +77,12 @@ class DataConfig:
     def validate(self) -> None:
         """Checks values only; whether `path` exists is checked when the data set is built (a run's saved
         config must still load for sampling after its data has moved)."""
-        _choice("data.dataset", self.dataset, ("digits", "folder", "captions", "video"))
+        _choice("data.dataset", self.dataset, WORLDS + ("folder", "captions", "video"))
         if not 0 <= self.seed < 2**31:
             raise ConfigError(f"data.seed must be in 0..2**31-1, got {self.seed}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
-        if self.dataset != "digits" and not self.path.strip():
+        if self.dataset not in WORLDS and not self.path.strip():
             what = {"folder": "an image folder", "captions": "a .jsonl captions file", "video": "a video folder"}
             raise ConfigError(f"data.path is required for data.dataset = {self.dataset!r}: {what[self.dataset]}")
         _positive("data.image_size", self.image_size)
@@ -159,12 +170,36 @@ class SampleConfig:
 
 
 @dataclass
+class CodecConfig:
+    """Where the model's inputs live: pixels ("identity") or the latents of a codec."""
+
+    source: str = "identity"              # "identity" (pixels), a shipped codec preset ("codec-digits"; trained
+                                          # first when not in $PATCHFLOW_CACHE), or a codec / run / diffusers dir
+    cache: str = "auto"                   # latents precomputed once: "auto" ($PATCHFLOW_CACHE/latents, built before
+                                          # training when missing), "off" (encode every batch), or a directory
+                                          # written by `patchflow cache` (refused when it does not match)
+
+    def validate(self) -> None:
+        if not self.source.strip():
+            raise ConfigError("codec.source must not be empty: \"identity\" (pixels), a codec preset name or a "
+                              "codec directory")
+        if not self.cache.strip():
+            raise ConfigError("codec.cache must not be empty: \"auto\", \"off\" or a cache directory")
+
+
+@dataclass
 class RunConfig:
-    model: DiTConfig = field(default_factory=DiTConfig)
+    model: DiTConfig | AutoencoderConfig = field(default_factory=DiTConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+
+    @property
+    def is_codec_run(self) -> bool:
+        """A run that trains an autoencoder (model.arch = "autoencoder") rather than a diffusion model."""
+        return self.model.arch == "autoencoder"
 
     def validate(self) -> "RunConfig":
         try:
@@ -174,6 +209,9 @@ class RunConfig:
         self.flow.validate()
         self.data.validate()
         self.train.validate()
+        self.codec.validate()
+        if self.is_codec_run:
+            return self._validate_codec_run()
         self.sample.validate(self.flow.objective)
         if self.flow.objective == "rectified" and self.model.learn_sigma:
             raise ConfigError("model.learn_sigma = true needs flow.objective = \"ddpm\" (a flow predicts no variance)")
@@ -182,7 +220,7 @@ class RunConfig:
         if self.data.dataset == "captions":
             raise ConfigError("data.dataset = \"captions\" gives (image, caption) pairs for a text-conditioned "
                               "model, which patchflow cannot train yet; use \"folder\" (labels from class subfolders)")
-        if self.data.dataset in ("folder", "video"):  # the data's shape must be the model's
+        if self.data.dataset in ("folder", "video") and self.codec.source == "identity":  # data shape = model's
             d, m = self.data, self.model
             frames = (d.frames, f"data.frames = {d.frames}") if d.dataset == "video" else \
                 (1, "data.dataset = \"folder\" gives images, 1 frame each")
@@ -191,6 +229,27 @@ class RunConfig:
                                       ("frames", *frames))):
                 if getattr(m, mkey) != want:
                     raise ConfigError(f"model.{mkey} = {getattr(m, mkey)} does not match the data: {what}")
+        return self
+
+    def _validate_codec_run(self) -> "RunConfig":
+        if self.codec.source != "identity":
+            raise ConfigError(f"codec.source = {_show(self.codec.source)}: a codec run (model.arch = "
+                              f"\"autoencoder\") learns from pixels; leave codec.source = \"identity\"")
+        if self.data.dataset == "captions":
+            raise ConfigError("data.dataset = \"captions\" is not for codec runs; use \"folder\" (any images)")
+        m, d = self.model, self.data
+        channels = 1 if d.dataset == "digits" else 3 if d.dataset in WORLDS else d.channels
+        if m.in_channels != channels:
+            raise ConfigError(f"model.in_channels = {m.in_channels} does not match the data: data.dataset = "
+                              f"{_show(d.dataset)} gives {channels}-channel images")
+        size = 32 if d.dataset in WORLDS else d.image_size
+        if size % m.space_factor:
+            raise ConfigError(f"model.channels has {len(m.channels)} levels, a {m.space_factor}x downsampling that "
+                              f"does not divide the data's {size}x{size} images; use fewer levels")
+        if d.dataset in ("video", "moving-digits") and (d.frames - 1) % m.time_downsample:
+            raise ConfigError(f"data.frames = {d.frames} does not suit model.time_downsample = {m.time_downsample}: a "
+                              f"causal codec takes 1 + {m.time_downsample} * k frames (e.g. "
+                              f"{1 + m.time_downsample}, {1 + 2 * m.time_downsample})")
         return self
 
     def to_dict(self) -> dict:
@@ -253,9 +312,20 @@ def _check_type(key: str, value, annotation):
     return value
 
 
+def model_config_class(arch):
+    """[model]'s dataclass for model.arch: "dit" (default) or "autoencoder" (a codec run)."""
+    if arch == "dit":
+        return DiTConfig
+    if arch == "autoencoder":
+        return AutoencoderConfig
+    raise ConfigError(f"model.arch = {_show(arch)} is not allowed; choose one of: 'dit', 'autoencoder'")
+
+
 def _build_section(name: str, cls, values: dict):
     if not isinstance(values, dict):
         raise ConfigError(f"[{name}] must be a table of keys, got {_show(values)}")
+    if name == "model":
+        cls = model_config_class(values.get("arch", "dit"))
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
@@ -272,6 +342,7 @@ def _build_section(name: str, cls, values: dict):
 
 
 SECTIONS = {f.name: typing.get_type_hints(RunConfig)[f.name] for f in dataclasses.fields(RunConfig)}
+SECTIONS["model"] = DiTConfig  # or AutoencoderConfig, by model.arch (model_config_class)
 
 
 def from_dict(data: dict) -> RunConfig:

@@ -62,6 +62,20 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, reps:
     return 2 * n**3 / best
 
 
+def run_forward_macs(cfg, net: torch.nn.Module) -> int:
+    """Forward MACs per training sample of a run's model (RunConfig): analytic for a DiT, counted by PyTorch for
+    a codec run's autoencoder (convolutions) on one item of the run's data."""
+    if cfg.model.arch != "autoencoder":
+        return dit_forward_macs(cfg.model)
+    from patchflow.data import pixel_shape
+
+    c, t, s = pixel_shape(cfg.data)
+    device = next(net.parameters()).device
+    x = torch.zeros(1, c, t, s, s, device=device)
+    noise = torch.zeros(net.codec.latent_shape(x.shape), device=device)
+    return counted_forward_flops(net, x, noise) // 2
+
+
 def mfu(images_per_s: float, forward_macs: int, peak_flops: float) -> float:
     """Model FLOPs utilisation of training: 3 x forward FLOPs per image against the peak."""
     return 3 * 2 * forward_macs * images_per_s / peak_flops

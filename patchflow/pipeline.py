@@ -10,12 +10,8 @@ import torch.nn as nn
 from patchflow.config import ConfigError, RunConfig, load_config
 from patchflow.flow.guidance import classifier_free
 from patchflow.flow.objective import build_objective
-from patchflow.models.dit import DiT
+from patchflow.models import build_model
 from patchflow.train.checkpoint import latest_checkpoint, load_into, load_weights
-
-
-def build_model(cfg: RunConfig) -> DiT:
-    return DiT(cfg.model)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -32,7 +28,8 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
 
 
 def load(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> nn.Module:
-    """The trained model of a run directory (EMA weights by default), in eval mode."""
+    """The trained model of a run directory (EMA weights by default), in eval mode. For a codec run this is the
+    training module (codec + discriminator); `patchflow.codecs.load(run_dir)` gives its exported codec."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     name = "ema.safetensors" if ema else "model.safetensors"
@@ -57,8 +54,10 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 @torch.inference_mode()
 def generate(model: nn.Module, cfg: RunConfig, labels: torch.Tensor, *, steps: int | None = None,
              guidance: float | None = None, sampler: str | None = None, seed: int | None = None,
-             batch_size: int = 64, device: torch.device | None = None, progress: bool = False) -> torch.Tensor:
-    """Class-conditional samples (N, C, T, H, W) in data units. Settings default to cfg.sample.
+             batch_size: int = 64, device: torch.device | None = None, progress: bool = False,
+             codec=None) -> torch.Tensor:
+    """Class-conditional samples (N, C, T, H, W) in the model's units, or decoded to pixels by `codec` when given.
+    Settings default to cfg.sample.
 
     Noise is drawn on the CPU from `seed`, so the same seed gives the same samples on any device.
     """
@@ -88,10 +87,41 @@ def generate(model: nn.Module, cfg: RunConfig, labels: torch.Tensor, *, steps: i
         with autocast:  # the model runs in bf16; the sampler's state x stays fp32
             x = objective.sample(fn, noise[i:i + batch_size].to(device), steps, sampler, progress=bar,
                                  generator=step_generator)
+        if codec is not None:  # latents -> pixels, in fp32
+            x = codec.to(device).decode(x.float())
         out.append(x.float().cpu())
     if bar is not None:
         bar.close()
     return torch.cat(out)
+
+
+@torch.inference_mode()
+def preview(model: nn.Module, cfg: RunConfig, codec=None, device: torch.device | None = None) -> tuple[np.ndarray, int]:
+    """What a run shows while it trains: (uint8 (N, H, W, C) images, images per row).
+
+    A diffusion run: samples, one column per class (decoded by `codec` in a latent run). A codec run: held-out
+    items (rows of originals) above their reconstructions; clips show one frame per column.
+    """
+    if cfg.model.arch != "autoencoder":
+        m = cfg.model
+        rows = max(1, min(10, 100 // m.num_classes))
+        x = generate(model, cfg, torch.arange(m.num_classes).repeat(rows), device=device, codec=codec)
+        return to_uint8(x)[:, 0], m.num_classes
+    from patchflow.data import build_dataset
+
+    try:
+        data = build_dataset(cfg.data, "val")
+    except ValueError:  # folders have no validation split
+        data = build_dataset(cfg.data, "train")
+    frames = data[0][0].shape[1]
+    n = min(len(data), 10 if frames == 1 else 4)
+    x = torch.stack([data[i][0] for i in range(n)]).to(device or "cpu")
+    recon = model.codec.decode(model.codec.encode(x))
+    if frames == 1:  # a row of originals, a row of reconstructions
+        return to_uint8(torch.cat([x, recon]))[:, 0], n
+    pairs = torch.stack([x, recon], dim=1).flatten(0, 1)  # clip 0, its reconstruction, clip 1, ...
+    images = to_uint8(pairs)  # (2n, T, H, W, C)
+    return images.reshape(-1, *images.shape[2:]), frames
 
 
 def save_grid(images: np.ndarray, path: str | Path, nrow: int = 10, pad: int = 2) -> None:
@@ -110,12 +140,21 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int = 10, pad: int = 2
 class Pipeline:
     """`Pipeline.load("runs/x")(labels=[7, 7, 3], steps=20, guidance=4, seed=0)` -> uint8 (N, H, W, C)."""
 
-    def __init__(self, model: nn.Module, cfg: RunConfig):
-        self.model, self.cfg = model, cfg
+    def __init__(self, model: nn.Module, cfg: RunConfig, codec=None):
+        self.model, self.cfg, self.codec = model, cfg, codec
 
     @classmethod
     def load(cls, run_dir: str | Path, ema: bool = True, device: str = "auto") -> "Pipeline":
-        return cls(load(run_dir, ema=ema, device=resolve_device(device)), load_run_config(run_dir))
+        """The run's model and its codec (pixels for identity runs)."""
+        from patchflow import codecs
+
+        cfg = load_run_config(run_dir)
+        if cfg.is_codec_run:
+            raise ConfigError(f"{run_dir} is a codec run (it trains an autoencoder, it does not sample); use "
+                              f"patchflow.codecs.load({str(run_dir)!r}) to encode and decode with it")
+        device = resolve_device(device)
+        codec = None if cfg.codec.source == "identity" else codecs.load(run_dir, device=device)
+        return cls(load(run_dir, ema=ema, device=device), cfg, codec)
 
     def __call__(self, labels=None, *, n: int | None = None, steps: int | None = None, guidance: float | None = None,
                  seed: int | None = None, sampler: str | None = None, output: str = "np", progress: bool = False):
@@ -126,7 +165,7 @@ class Pipeline:
             labels = [labels] * (n or self.cfg.sample.n)
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
         x = generate(self.model, self.cfg, labels, steps=steps, guidance=guidance, sampler=sampler, seed=seed,
-                     progress=progress)
+                     progress=progress, codec=self.codec)
         images = to_uint8(x)[:, 0]  # images are the first (only) frame
         if output == "pil":
             from PIL import Image

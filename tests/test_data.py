@@ -353,7 +353,7 @@ def test_video_class_folders_and_unreadable_clips(tmp_path):
 
 # ---- config --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("field,value,match", [
-    ("dataset", "imagenet", r"data.dataset = 'imagenet' is not allowed; choose one of: 'digits', 'folder'"),
+    ("dataset", "imagenet", r"data.dataset = 'imagenet' is not allowed; choose one of: 'digits', 'color-digits', 'moving-digits', 'folder'"),
     ("channels", 4, r"data.channels = 4 is not allowed; choose one of: 1, 3"),
     ("alpha_background", "grey", r"data.alpha_background = 'grey' is not allowed; choose one of: 'white', 'black'"),
     ("short_clips", "pad", r"data.short_clips = 'pad' is not allowed; choose one of: 'skip', 'error', 'loop'"),

@@ -430,12 +430,13 @@ def test_bad_tables_are_rejected_by_name(data, message):
 
 
 @pytest.mark.parametrize("path,message", [
-    ("", "config file '' not found (shipped presets: digits)"),
+    ("", "config file '' not found (shipped presets: codec-color-digits, codec-digits, codec-moving-digits, "
+         "digits, digits-ddpm, digits-latent)"),
     (".", "config file '.' not found"),
     ("/", "config file '/' not found"),
     ("run", "config file 'run' not found"),  # a directory
     ("a\0b", "config file 'a\\x00b' not found"),
-    pytest.param("x" * 5000, "xxx... not found (shipped presets: digits)", id="too-long"),  # shown shortened
+    pytest.param("x" * 5000, "xxx... not found (shipped presets: codec-color-digits, codec-digits", id="too-long"),  # shown shortened
     ("../digits", "config file '../digits' not found"),  # only ./NAME and configs/NAME mean a shipped preset
     ("garbage.npz", "garbage.npz: not valid TOML"),
     ("binary.toml", "binary.toml: not valid TOML: 'utf-8' codec can't decode"),

@@ -6,6 +6,17 @@ import torch
 from patchflow.config import DataConfig
 
 
+def pixel_shape(cfg: DataConfig) -> tuple[int, int, int]:
+    """(channels, frames, size) of the items `build_dataset(cfg)` gives: x is (channels, frames, size, size)."""
+    if cfg.dataset == "digits":
+        return 1, 1, 32
+    if cfg.dataset == "color-digits":
+        return 3, 1, 32
+    if cfg.dataset == "moving-digits":
+        return 3, cfg.frames, 32
+    return cfg.channels, cfg.frames if cfg.dataset == "video" else 1, cfg.image_size
+
+
 def build_dataset(cfg: DataConfig, split: str = "train") -> torch.utils.data.Dataset:
     """Items are (x: (C, T, H, W) in [-1, 1], label int); T = 1 for images, data.frames for video.
 
@@ -15,6 +26,14 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> torch.utils.data.Dat
         from patchflow.data.digits import DigitsDataset
 
         return DigitsDataset(split=split, seed=cfg.seed)
+    if cfg.dataset == "color-digits":
+        from patchflow.data.color_digits import ColorDigitsDataset
+
+        return ColorDigitsDataset(split=split, seed=cfg.seed)
+    if cfg.dataset == "moving-digits":
+        from patchflow.data.moving_digits import MovingDigitsDataset
+
+        return MovingDigitsDataset(split=split, seed=cfg.seed, frames=cfg.frames)
     if cfg.dataset not in ("folder", "captions", "video"):
         raise ValueError(f"unknown data.dataset {cfg.dataset!r}")
     if split != "train":

@@ -193,7 +193,9 @@ def _train_classifier(verbose: bool = True) -> DigitClassifier:
 
 def _cache_path(cache_dir: str | os.PathLike | None) -> Path:
     if cache_dir is None:
-        cache_dir = os.environ.get("PATCHFLOW_CACHE") or Path.home() / ".cache" / "patchflow"
+        from patchflow.paths import cache_root
+
+        cache_dir = cache_root()
     return Path(cache_dir).expanduser() / CACHE_FILENAME
 
 

@@ -3,8 +3,11 @@
 Shapes: B = batch, C = channels (dim 1), `...` = any number of trailing dims.
 
 - `model_fn(x, t)` gets x (B, C, ...) and t float32 (B,) of ORIGINAL timestep indices (`timestep_map`), and returns
-  eps (B, C, ...), or with `learn_sigma` (B, 2C, ...): eps, then v in [-1, 1] that sets
-  log_var = frac * log(beta_t) + (1 - frac) * log(posterior_var_t) with frac = (v + 1) / 2.
+  its prediction (B, C, ...), or with `learn_sigma` (B, 2C, ...): the prediction, then u in [-1, 1] that sets
+  log_var = frac * log(beta_t) + (1 - frac) * log(posterior_var_t) with frac = (u + 1) / 2.
+- The prediction is `prediction` of x_t = sqrt(acp_t) x0 + sqrt(1 - acp_t) eps: "eps" (DiT), "x0", or "v" =
+  sqrt(acp_t) eps - sqrt(1 - acp_t) x0 (Salimans & Ho 2022). Everything downstream goes through (pred_x0, eps).
+- Schedules: "linear" (DiT) and "cosine" (Nichol & Dhariwal 2021).
 - Schedule arrays are float64 numpy (read-only), gathered into x's dtype/device when used.
 - Without `learn_sigma` the reverse variance is DiT's "fixed large" one: beta_t (posterior_var_1 at t = 0).
 """
@@ -19,6 +22,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
+PREDICTIONS = ("eps", "v", "x0")  # what the model's first C channels predict
+SCHEDULES = ("linear", "cosine")
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
@@ -103,6 +108,7 @@ class GaussianDiffusion:
 
     num_timesteps: int
     learn_sigma: bool
+    prediction: str  # one of PREDICTIONS: what the model's first C channels are
     betas: np.ndarray
     alphas_cumprod: np.ndarray
     alphas_cumprod_prev: np.ndarray
@@ -110,7 +116,10 @@ class GaussianDiffusion:
     posterior_log_variance_clipped: np.ndarray  # log posterior_variance, with t = 1's value at t = 0
     timestep_map: np.ndarray  # int64
 
-    def __init__(self, betas: np.ndarray, learn_sigma: bool = False, timestep_map: np.ndarray | None = None):
+    def __init__(self, betas: np.ndarray, learn_sigma: bool = False, timestep_map: np.ndarray | None = None,
+                 prediction: str = "eps"):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; choose one of: {', '.join(PREDICTIONS)}")
         betas = np.array(betas, dtype=np.float64)
         if betas.ndim != 1 or betas.size == 0:
             raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
@@ -146,6 +155,7 @@ class GaussianDiffusion:
             object.__setattr__(self, name, a)
         object.__setattr__(self, "num_timesteps", T)
         object.__setattr__(self, "learn_sigma", bool(learn_sigma))
+        object.__setattr__(self, "prediction", prediction)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"GaussianDiffusion is immutable (tried to set {name!r})")
@@ -154,13 +164,35 @@ class GaussianDiffusion:
         raise AttributeError(f"GaussianDiffusion is immutable (tried to delete {name!r})")
 
     def __repr__(self) -> str:
-        return f"GaussianDiffusion(num_timesteps={self.num_timesteps}, learn_sigma={self.learn_sigma})"
+        return (f"GaussianDiffusion(num_timesteps={self.num_timesteps}, learn_sigma={self.learn_sigma}, "
+                f"prediction={self.prediction!r})")
 
     @classmethod
-    def linear(cls, num_timesteps: int = 1000, learn_sigma: bool = False) -> GaussianDiffusion:
+    def linear(cls, num_timesteps: int = 1000, learn_sigma: bool = False, prediction: str = "eps") -> GaussianDiffusion:
         """DiT's linear schedule: betas = linspace(1e-4 * 1000/T, 0.02 * 1000/T, T) (scaled so any T matches T=1000)."""
         scale = 1000.0 / num_timesteps
-        return cls(np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64), learn_sigma)
+        betas = np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
+        return cls(betas, learn_sigma, prediction=prediction)
+
+    @classmethod
+    def cosine(cls, num_timesteps: int = 1000, learn_sigma: bool = False, prediction: str = "eps") -> GaussianDiffusion:
+        """Nichol & Dhariwal's cosine schedule: acp(u) = cos((u + s) / (1 + s) * pi / 2)^2 at u = t / T, s = 0.008.
+
+        beta_t = 1 - acp((t + 1) / T) / acp(t / T), capped at 0.999 (the last one would be 1: x_T carries no signal).
+        """
+        s = 0.008  # keeps beta_0 from vanishing, so the first step still adds noise worth predicting
+        u = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
+        acp = np.cos((u + s) / (1.0 + s) * (math.pi / 2)) ** 2
+        betas = np.minimum(1.0 - acp[1:] / acp[:-1], 0.999)
+        return cls(betas, learn_sigma, prediction=prediction)
+
+    @classmethod
+    def from_config(cls, cfg, learn_sigma: bool = False) -> GaussianDiffusion:
+        """From a `patchflow.config.FlowConfig` (its schedule, num_timesteps and prediction)."""
+        build = {"linear": cls.linear, "cosine": cls.cosine}.get(cfg.schedule)
+        if build is None:
+            raise ValueError(f"unknown schedule {cfg.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        return build(cfg.num_timesteps, learn_sigma=learn_sigma, prediction=cfg.prediction)
 
     def respace(self, steps: int | str) -> GaussianDiffusion:
         """A diffusion over `steps` evenly spaced timesteps of this one (see `spaced_indices`: 250, "250", "ddim50").
@@ -171,7 +203,7 @@ class GaussianDiffusion:
         keep = spaced_indices(self.num_timesteps, steps)
         acp = self.alphas_cumprod[keep]
         betas = 1.0 - acp / np.append(1.0, acp[:-1])
-        return GaussianDiffusion(betas, self.learn_sigma, self.timestep_map[keep])
+        return GaussianDiffusion(betas, self.learn_sigma, self.timestep_map[keep], prediction=self.prediction)
 
     def sample_timesteps(self, batch: int, generator: torch.Generator | None = None, device=None) -> Tensor:
         """Uniform int64 (batch,) in 0..T-1."""
@@ -194,13 +226,33 @@ class GaussianDiffusion:
         log_var = _gather(self.posterior_log_variance_clipped, t, xt).expand_as(xt)
         return mean, var, log_var
 
+    def prediction_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What a perfect model outputs for x_t = q_sample(x0, t, noise): eps, v or x0 (B, C, ...); t int (B,)."""
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x0":
+            return x0
+        a, b = _gather(self.sqrt_alphas_cumprod, t, x0), _gather(self.sqrt_one_minus_alphas_cumprod, t, x0)
+        return a * noise - b * x0
+
+    def x0_eps(self, pred: Tensor, xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """A prediction (B, C, ...) at x_t (B, C, ...), t int (B,) -> (pred_x0, eps), each (B, C, ...), with
+        x_t = sqrt(acp_t) pred_x0 + sqrt(1 - acp_t) eps."""
+        if self.prediction == "v":
+            a, b = _gather(self.sqrt_alphas_cumprod, t, xt), _gather(self.sqrt_one_minus_alphas_cumprod, t, xt)
+            return a * xt - b * pred, b * xt + a * pred  # rotate (x_t, v) back to (x0, eps): a^2 + b^2 = 1
+        r, rm1 = _gather(self.sqrt_recip_alphas_cumprod, t, xt), _gather(self.sqrt_recipm1_alphas_cumprod, t, xt)
+        if self.prediction == "x0":
+            return pred, (r * xt - pred) / rm1
+        return r * xt - rm1 * pred, pred
+
     def p_mean_variance(
         self, model_out: Tensor, xt: Tensor, t: Tensor, clip_denoised: bool = False
     ) -> dict[str, Tensor]:
         """p(x_{t-1} | x_t) from a model output (B, C or 2C, ...) at x_t (B, C, ...), t int (B,).
 
-        Returns mean, var, log_var, pred_x0 (clamped to [-1, 1] if clip_denoised), eps (consistent with pred_x0, so
-        the model's eps unless clipped); all (B, C, ...).
+        Returns mean, var, log_var, pred_x0 (clamped to [-1, 1] if clip_denoised), eps (consistent with pred_x0:
+        x_t = sqrt(acp) pred_x0 + sqrt(1 - acp) eps, also after clipping); all (B, C, ...).
         """
         C = xt.shape[1]
         if model_out.shape[1] != (2 * C if self.learn_sigma else C):
@@ -209,17 +261,17 @@ class GaussianDiffusion:
                 f"for {C}-channel x with learn_sigma={self.learn_sigma}"
             )
         if self.learn_sigma:
-            eps, v = model_out[:, :C], model_out[:, C:]
-            frac = (v + 1.0) / 2.0
+            pred, u = model_out[:, :C], model_out[:, C:]
+            frac = (u + 1.0) / 2.0
             max_log, min_log = _gather(self.log_betas, t, xt), _gather(self.posterior_log_variance_clipped, t, xt)
             log_var = frac * max_log + (1.0 - frac) * min_log
         else:
-            eps = model_out
+            pred = model_out
             log_var = _gather(self.fixed_log_variance, t, xt).expand_as(xt)
-        r, rm1 = _gather(self.sqrt_recip_alphas_cumprod, t, xt), _gather(self.sqrt_recipm1_alphas_cumprod, t, xt)
-        pred_x0 = r * xt - rm1 * eps
+        pred_x0, eps = self.x0_eps(pred, xt, t)
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)
+            r, rm1 = _gather(self.sqrt_recip_alphas_cumprod, t, xt), _gather(self.sqrt_recipm1_alphas_cumprod, t, xt)
             eps = (r * xt - pred_x0) / rm1  # keep eps consistent with the clipped x0 (DDIM uses it)
         mean, _, _ = self.q_posterior_mean_variance(pred_x0, xt, t)
         return dict(mean=mean, var=torch.exp(log_var), log_var=log_var, pred_x0=pred_x0, eps=eps)
@@ -235,15 +287,16 @@ class GaussianDiffusion:
     def training_losses(
         self, model_fn: ModelFn, x0: Tensor, t: Tensor, noise: Tensor | None = None
     ) -> dict[str, Tensor]:
-        """Per-sample (B,) losses for data x0 (B, C, ...), int t (B,): "mse" on eps, "vb" if learn_sigma, "loss" = sum.
+        """Per-sample (B,) losses for data x0 (B, C, ...), int t (B,), noise (B, C, ...) (default N(0, I)).
 
-        Not rescaled (DiT's MSE setting); vb is in bits/dim.
+        "mse": to `prediction_target` (noise, v or x0), unweighted (DiT's MSE setting); "vb" if learn_sigma, in
+        bits/dim, through the detached prediction's posterior mean; "loss" = their sum.
         """
         noise = torch.randn_like(x0) if noise is None else noise
         xt = self.q_sample(x0, t, noise)
         out = model_fn(xt, self.model_timesteps(t))
         C = x0.shape[1]
-        terms = {"mse": _mean_flat((noise - out[:, :C]) ** 2)}
+        terms = {"mse": _mean_flat((self.prediction_target(x0, noise, t) - out[:, :C]) ** 2)}
         if self.learn_sigma:
             frozen = torch.cat([out[:, :C].detach(), out[:, C:]], dim=1)  # vb trains only the variance (improved DDPM)
             terms["vb"] = self._vb(frozen, x0, xt, t)

@@ -9,7 +9,7 @@ from patchflow.flow import rectified, samplers
 from patchflow.flow.ddpm import GaussianDiffusion
 
 
-def _global_draw(x0: torch.Tensor, generator, shard: tuple[int, int], draw):
+def global_draw(x0: torch.Tensor, generator, shard: tuple[int, int], draw):
     """Draw for the whole global batch (world x local) and keep this rank's slice, so a run on N processes
     sees exactly the noise and timesteps that one process with the same global batch would."""
     rank, world = shard
@@ -27,11 +27,11 @@ class RectifiedFlowObjective:
              shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
         """Per-sample loss (B,). shard = (rank, world): x0 is this rank's part of a global batch."""
         c = self.cfg
-        t = _global_draw(x0, generator, shard, lambda n: rectified.sample_timesteps(
+        t = global_draw(x0, generator, shard, lambda n: rectified.sample_timesteps(
             n, c.timestep_sampling, logit_mean=c.logit_mean, logit_std=c.logit_std, mode_scale=c.mode_scale,
             generator=generator, device=x0.device))
         t = rectified.shift_timesteps(t, c.shift)
-        noise = _global_draw(x0, generator, shard, lambda n: torch.randn(
+        noise = global_draw(x0, generator, shard, lambda n: torch.randn(
             (n, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype))
         return rectified.flow_loss(lambda x, s: model_fn(x, s * self.t_max), x0, noise, t)
 
@@ -49,14 +49,14 @@ class DiffusionObjective:
     t_max = 1000.0
 
     def __init__(self, cfg: FlowConfig, learn_sigma: bool):
-        self.diffusion = GaussianDiffusion.linear(cfg.num_timesteps, learn_sigma=learn_sigma)
+        self.diffusion = GaussianDiffusion.from_config(cfg, learn_sigma)  # cfg.schedule, cfg.prediction
         self.t_max = float(cfg.num_timesteps)
 
     def loss(self, model_fn, x0: torch.Tensor, generator: torch.Generator | None = None,
              shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
-        t = _global_draw(x0, generator, shard,
+        t = global_draw(x0, generator, shard,
                          lambda n: self.diffusion.sample_timesteps(n, generator=generator, device=x0.device))
-        noise = _global_draw(x0, generator, shard, lambda n: torch.randn(
+        noise = global_draw(x0, generator, shard, lambda n: torch.randn(
             (n, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype))
         return self.diffusion.training_losses(model_fn, x0, t, noise)["loss"]
 
@@ -78,3 +78,12 @@ def build_objective(cfg: FlowConfig, learn_sigma: bool = False):
     if cfg.objective == "rectified":
         return RectifiedFlowObjective(cfg)
     return DiffusionObjective(cfg, learn_sigma)
+
+
+def objective_for_run(cfg):
+    """The objective a run trains with: its flow, or an autoencoder's reconstruction loss for a codec run."""
+    if cfg.model.arch == "autoencoder":
+        from patchflow.codecs.autoencoder import AutoencoderObjective
+
+        return AutoencoderObjective(cfg.model)
+    return build_objective(cfg.flow, cfg.model.learn_sigma)

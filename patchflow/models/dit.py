@@ -29,6 +29,7 @@ DIT_SIZES = {
 class DiTConfig:
     """Everything needed to build a DiT. `preset` ("DiT-XL/2", "DiT-Mini/4", ...) names the size it came from."""
 
+    arch: str = "dit"
     preset: str = ""
     input_size: int = 32           # latent height = width (the default sampling size; any multiple of patch works)
     frames: int = 1                # latent frames T; 1 for images
@@ -67,6 +68,8 @@ class DiTConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the field when the shapes cannot work."""
+        if self.arch != "dit":
+            raise ValueError(f"model.arch must be 'dit' for a DiT config, got {self.arch!r}")
         most = {"input_size": 8192, "frames": 4096, "in_channels": 1024, "patch_size": 64, "hidden_size": 16384,
                 "depth": 1024, "num_heads": 1024, "num_classes": 1_000_000}  # far past any DiT; keeps shapes buildable
         for name, limit in most.items():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -36,10 +37,10 @@ import torch
 
 from patchflow.config import ConfigError, RunConfig, load_config
 from patchflow.data import ResumableBatchSampler, build_dataset
-from patchflow.flops import dit_forward_macs, measure_matmul_peak, mfu
-from patchflow.flow.guidance import drop_labels
-from patchflow.flow.objective import build_objective
-from patchflow.pipeline import build_model, generate, resolve_device, save_grid, to_uint8
+from patchflow.conditioning import build_conditioning
+from patchflow.flops import measure_matmul_peak, mfu, run_forward_macs
+from patchflow.flow.objective import objective_for_run
+from patchflow.pipeline import build_model, preview, resolve_device, save_grid
 from patchflow.train import distributed
 from patchflow.train.checkpoint import (atomic_write_text, latest_checkpoint, load_into, load_state, load_weights,
                                         save_checkpoint, step_of)
@@ -139,8 +140,12 @@ class Trainer:
         distributed.barrier(self.dist)  # every process has checked the run directory before the main one writes
         if self.main:
             _prepare_out_dir(self.out)
+        self.codec, self.encode = None, False
+        if cfg.codec.source != "identity":  # before seeding: a codec preset may be trained first
+            self._prepare_codec(resume)
         _seed_everything(t.seed)  # the same initial weights on every process
-        self.dataset = build_dataset(cfg.data, "train")
+        if self.codec is None:
+            self.dataset = build_dataset(cfg.data, "train")
         self.net = build_model(cfg).to(self.device)  # the model itself; self.model may be its DDP/FSDP wrapper
         self.net.checkpoint_every = t.activation_checkpointing
         if t.compile:
@@ -153,7 +158,7 @@ class Trainer:
             raise ConfigError("train.precision = \"fp16\" needs a CUDA device (its grad scaler is for GPUs); "
                               "use \"bf16\" on CPUs")
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
-        self.forward_macs = dit_forward_macs(cfg.model)
+        self.forward_macs = run_forward_macs(cfg, self.net)
         self.peak_flops = t.peak_tflops * 1e12 or measure_matmul_peak(
             torch.float32 if t.precision == "fp32" else torch.bfloat16 if t.precision == "bf16" else torch.float16,
             n=1024 if self.device.type == "cpu" else 8192, reps=3, device=self.device)
@@ -161,7 +166,8 @@ class Trainer:
         self.model = distributed.wrap(self.net, t.parallel, self.dist,
                                       param_dtype=torch.bfloat16 if t.precision == "bf16" else None)
         self.ema = EMA(self.net, t.ema_decay, t.ema_warmup)
-        self.objective = build_objective(cfg.flow, cfg.model.learn_sigma)
+        self.objective = objective_for_run(cfg)
+        self.conditioning = build_conditioning(cfg)
         self.opt = adamw(self.model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda(t.warmup_steps))
         self.generator = torch.Generator(self.device).manual_seed(t.seed)
@@ -174,6 +180,24 @@ class Trainer:
         if self.main:
             with self._stop_on_os_error("the run's config.toml"):
                 atomic_write_text(config_path, cfg.to_toml())
+
+    def _prepare_codec(self, resume: bool) -> None:
+        """The run's codec and its data: cached latents when codec.cache allows (the main process builds a missing
+        "auto" cache, the others wait for it), else pixels that each step encodes (self.encode)."""
+        from patchflow.data.latent_cache import cached_dataset
+        from patchflow.train.codec import codec_for_run
+
+        cfg = self.cfg
+        if self.main:
+            self.codec = codec_for_run(cfg, self.out, resume, main=True, progress=self.progress)
+            dataset = cached_dataset(cfg, self.codec, progress=self.progress, build=True)
+        distributed.barrier(self.dist)
+        if not self.main:
+            self.codec = codec_for_run(cfg, self.out, resume, main=False, progress=False)
+            dataset = cached_dataset(cfg, self.codec, progress=False, build=False)
+        self.codec.to(self.device)
+        self.dataset = dataset if dataset is not None else build_dataset(cfg.data, "train")
+        self.encode = dataset is None
 
     # ---- state -------------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -278,20 +302,18 @@ class Trainer:
         return Preempted(message)
 
     def write_samples(self) -> Path | None:
-        """A grid from the EMA weights, one column per class, cfg.sample settings; the main process draws it."""
+        """A preview grid from the EMA weights (samples, one column per class; a codec run's reconstructions),
+        with cfg.sample settings; the main process draws it."""
         ema_sd = self.ema.state_dict(keep=self.main)  # a collective when sharded
         if not self.main:
             return None
-        m = self.cfg.model
-        rows = max(1, min(10, 100 // m.num_classes))
-        labels = torch.arange(m.num_classes).repeat(rows)
         if not hasattr(self, "_sampler_model"):  # a plain copy of the model for the EMA weights
             self._sampler_model = build_model(self.cfg).to(self.device).eval().requires_grad_(False)
         self._sampler_model.load_state_dict(ema_sd)
-        x = generate(self._sampler_model, self.cfg, labels, device=self.device)
+        images, nrow = preview(self._sampler_model, self.cfg, self.codec, device=self.device)
         path = self.out / "samples" / f"step_{self.step:07d}.png"
         path.parent.mkdir(exist_ok=True)
-        save_grid(to_uint8(x)[:, 0], path, nrow=m.num_classes)
+        save_grid(images, path, nrow=nrow)
         return path
 
     # ---- loop --------------------------------------------------------------------------------
@@ -305,12 +327,13 @@ class Trainer:
         for i in range(t.grad_accum):
             x0, y = next(batches)
             x0, y = x0.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            y = drop_labels(y, self.cfg.model.num_classes, self.cfg.model.class_dropout_prob, self.generator,
-                            self.dist.shard)
+            if self.encode:  # pixels -> latents (a latent cache makes this a no-op)
+                x0 = self.codec.encode(x0)
+            cond = self.conditioning.train(y, self.generator, self.dist.shard)
             # gradients are reduced across processes once, in the last micro-batch's backward
             with distributed.grad_sync(self.model, sync=i == t.grad_accum - 1):
                 with autocast:
-                    loss = self.objective.loss(lambda x, s: self.model(x, s, y), x0, self.generator,
+                    loss = self.objective.loss(lambda *inputs: self.model(*inputs, **cond), x0, self.generator,
                                                shard=self.dist.shard).mean()
                 scaled = loss / t.grad_accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
@@ -418,6 +441,11 @@ class Trainer:
 def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
     """Train on this process, or as one of torchrun's processes (WORLD_SIZE > 1): DDP or FSDP2."""
     try:
-        return Trainer(cfg, out_dir, resume=resume, progress=progress).fit()
+        out = Trainer(cfg, out_dir, resume=resume, progress=progress).fit()
     finally:
         distributed.shutdown()
+    if cfg.is_codec_run and int(os.environ.get("RANK", "0")) == 0:  # the codec, with its latent statistics
+        from patchflow.train.codec import export_codec
+
+        export_codec(out, cfg)
+    return out

