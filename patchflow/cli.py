@@ -101,6 +101,9 @@ def cmd_sample(args) -> None:
     if out.suffix not in (".png", ".npz"):
         raise ValueError(f"--out must end in .png (a grid) or .npz (arrays), got {out.name!r}")
     cfg = load_run_config(args.run_dir)
+    if cfg.is_codec_run:
+        raise ValueError(f"{args.run_dir} is a codec run: it encodes and decodes, it does not sample; score it with "
+                         f"`patchflow eval {args.run_dir}` or use patchflow.codecs.load({str(args.run_dir)!r})")
     _check_sampler(args, cfg)
     labels = _labels_from_args(args, cfg.model.num_classes)
     t0 = time.perf_counter()
@@ -141,6 +144,8 @@ def cmd_eval(args) -> None:
         from patchflow.pipeline import load_run_config
 
         cfg = load_run_config(src)
+        if cfg.is_codec_run:
+            return _eval_codec(args, src, cfg)
         if cfg.data.dataset != "digits":
             raise ValueError(f"patchflow eval scores runs of the built-in digits world; {src} trains on {cfg.data.dataset}")
         _check_sampler(args, cfg)
@@ -155,6 +160,28 @@ def cmd_eval(args) -> None:
     print(f"Frechet distance (classifier features): {result['fd']:.3f}   (real-data ceiling: {result['fd_real']:.3f})")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def _eval_codec(args, src: Path, cfg) -> None:
+    """A codec run: reconstruction PSNR, compression, digit accuracy before/after, colours (evaluate.codec)."""
+    from patchflow import codecs
+    from patchflow.config import WORLDS
+    from patchflow.evaluate.codec import evaluate_codec
+
+    if cfg.data.dataset not in WORLDS:
+        raise ValueError(f"patchflow eval scores codecs of the built-in worlds ({', '.join(WORLDS)}); {src} trains "
+                         f"on {cfg.data.dataset}")
+    r = evaluate_codec(codecs.load(src), cfg.data.dataset, n=args.per_class * 5, frames=cfg.data.frames)
+    print(f"{r['world']}: {r['n']} held-out items" + (f" of {r['frames']} frames" if r.get("frames", 1) > 1 else ""))
+    print(f"reconstruction PSNR {r['psnr_db']:.2f} dB, compression {r['compression']:.1f}x (pixel values per "
+          f"latent value)")
+    print(f"digit accuracy: originals {r['accuracy_original']:.4f}, reconstructions {r['accuracy_reconstructed']:.4f}")
+    if "stroke_rgb_error" in r:
+        print(f"colours: mean RGB error {r['stroke_rgb_error']:.1f} on strokes, {r['background_rgb_error']:.1f} on "
+              f"backgrounds; named colour kept {r['stroke_color_kept']:.4f} (digit), "
+              f"{r['background_color_kept']:.4f} (background)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2))
 
 
 def cmd_convert(args) -> None:
@@ -217,6 +244,9 @@ def cmd_plan(args) -> None:
     if any(not 1 <= b <= 2**31 for b in args.batch):
         raise ValueError(f"--batch sizes must be in 1..2**31, got {args.batch}")
     cfg = load_config(args.config, args.set)
+    if cfg.is_codec_run:
+        raise ValueError(f"patchflow plan sizes diffusion transformers; {args.config} trains a codec "
+                         f"(model.arch = \"autoencoder\")")
     print(format_plan(cfg, make_plan(cfg), memory, args.batch, args.checkpoint_every))
 
 
@@ -275,9 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(p)
     p.set_defaults(fn=cmd_sample)
 
-    p = sub.add_parser("eval", help="score a digits run (or an .npz of samples)")
+    p = sub.add_parser("eval", help="score a digits run (or an .npz of samples), or a codec run's reconstructions")
     p.add_argument("source", help="run directory or .npz written by `patchflow sample`")
-    p.add_argument("--per-class", type=int, default=100, help="samples per class when sampling a run")
+    p.add_argument("--per-class", type=int, default=100,
+                   help="samples per class when sampling a run (a codec run: 5x this many held-out items)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     _add_sampling_flags(p)
     p.set_defaults(fn=cmd_eval)

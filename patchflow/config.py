@@ -237,12 +237,17 @@ class RunConfig:
                               f"\"autoencoder\") learns from pixels; leave codec.source = \"identity\"")
         if self.data.dataset == "captions":
             raise ConfigError("data.dataset = \"captions\" is not for codec runs; use \"folder\" (any images)")
+        from patchflow.data import pixel_shape
+
+        for key in ("compile", "activation_checkpointing"):
+            if getattr(self.train, key):
+                raise ConfigError(f"train.{key} is a switch for transformer blocks; a codec run (model.arch = "
+                                  f"\"autoencoder\") has none: leave it out")
         m, d = self.model, self.data
-        channels = 1 if d.dataset == "digits" else 3 if d.dataset in WORLDS else d.channels
+        channels, _, size = pixel_shape(d)
         if m.in_channels != channels:
             raise ConfigError(f"model.in_channels = {m.in_channels} does not match the data: data.dataset = "
                               f"{_show(d.dataset)} gives {channels}-channel images")
-        size = 32 if d.dataset in WORLDS else d.image_size
         if size % m.space_factor:
             raise ConfigError(f"model.channels has {len(m.channels)} levels, a {m.space_factor}x downsampling that "
                               f"does not divide the data's {size}x{size} images; use fewer levels")

@@ -115,7 +115,7 @@ def preview(model: nn.Module, cfg: RunConfig, codec=None, device: torch.device |
         data = build_dataset(cfg.data, "train")
     frames = data[0][0].shape[1]
     n = min(len(data), 10 if frames == 1 else 4)
-    x = torch.stack([data[i][0] for i in range(n)]).to(device or "cpu")
+    x = torch.stack([data[int(i)][0] for i in np.linspace(0, len(data) - 1, n)]).to(device or "cpu")  # spread out
     recon = model.codec.decode(model.codec.encode(x))
     if frames == 1:  # a row of originals, a row of reconstructions
         return to_uint8(torch.cat([x, recon]))[:, 0], n

@@ -222,3 +222,30 @@ def test_kill_9_in_a_latent_run_then_resume_is_bitwise_exact(codec_run, tmp_path
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = load_file(str(out / name)), load_file(str(ref / name))
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_eval_of_a_codec_run_scores_its_reconstructions(codec_run, tmp_path, capsys):
+    assert main(["eval", str(codec_run), "--per-class", "20", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["n"] == 100 and r["compression"] == 2.0 and r["accuracy_original"] > 0.95
+    assert 0 <= r["accuracy_reconstructed"] <= 1 and r["psnr_db"] > 5
+    assert f"reconstruction PSNR {r['psnr_db']:.2f} dB, compression 2.0x" in out
+
+
+def test_commands_that_do_not_apply_to_codec_runs_say_so(codec_run, tmp_path, capsys):
+    assert main(["sample", str(codec_run), "--label", "1", "--out", str(tmp_path / "x.png")]) == 2
+    assert "is a codec run: it encodes and decodes, it does not sample" in capsys.readouterr().err
+    assert main(["plan", "codec-digits"]) == 2
+    assert "plan sizes diffusion transformers" in capsys.readouterr().err
+    assert main(["train", "codec-digits", "--out", str(tmp_path / "c"), "--set", "train.compile=true"]) == 2
+    assert "train.compile is a switch for transformer blocks" in capsys.readouterr().err
+    with pytest.raises(Exception, match="is a codec run"):
+        Pipeline.load(codec_run)
+
+
+def test_resume_refuses_another_codec(codec_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATCHFLOW_CACHE", str(tmp_path / "cache"))
+    train(latent_cfg(codec_run, "train.steps=2"), tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match=r"--resume: codec.source = 'identity' differs from the run's"):
+        Trainer(load_config("digits", DIT + ["model.in_channels=2"]), tmp_path / "run", resume=True, progress=False)

@@ -27,7 +27,9 @@ def save(codec: Codec, directory: str | Path, extra: dict | None = None) -> Path
     """Write a patchflow codec directory (codec.json + codec.safetensors), each file atomically."""
     from patchflow.train.checkpoint import atomic_save_safetensors, atomic_write_text, state_dict_for_save
 
-    if not hasattr(codec, "config_dict") or codec.kind in ("identity",) or codec.kind.startswith("diffusers"):
+    from patchflow.codecs.autoencoder import KLAutoencoder
+
+    if not isinstance(codec, KLAutoencoder):
         raise CodecError(f"only patchflow's own codecs are saved as codec directories, not {codec.kind!r}")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,7 @@ def wrap(model: nn.Module, strategy: str, d: Dist, param_dtype: torch.dtype | No
         # inputs keep their dtype: timesteps (0..999) and the fp32 residual stream must not be rounded to bf16;
         # autocast still casts what each matmul needs
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-        for block in model.blocks:
+        for block in getattr(model, "blocks", ()):  # transformers shard per block; a codec's autoencoder as one
             fully_shard(block, mp_policy=mp)
         return fully_shard(model, mp_policy=mp)
     raise ValueError(f"unknown train.parallel {strategy!r}; choose 'ddp' or 'fsdp'")

@@ -1,6 +1,8 @@
 """The training loop: data -> objective(model) -> AdamW with warmup, clipping, EMA, checkpoints, logs, samples.
 
-It knows nothing about the model beyond model(x, t, y) and nothing about the objective beyond loss().
+It knows nothing about the model beyond model(*inputs, **cond), where `cond` comes from the conditioning step
+(labels) and the inputs from the objective, and nothing about the objective beyond loss(). In a latent run the
+codec turns each batch into latents first, unless the data comes from a latent cache.
 
 Reliability (docs/reliability.md):
 - `--resume` continues bit for bit from the last complete checkpoint, after a clean stop or a kill -9 at any
@@ -128,6 +130,9 @@ class Trainer:
             saved = load_config(config_path)
             if saved.model != cfg.model:
                 raise ConfigError(f"--resume: [model] differs from the run's {config_path}; a run keeps its model")
+            if saved.codec.source != cfg.codec.source:
+                raise ConfigError(f"--resume: codec.source = {cfg.codec.source!r} differs from the run's "
+                                  f"{saved.codec.source!r} ({config_path}); a run keeps its codec")
         elif config_path.is_file():
             raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or pick another --out")
         if t.num_threads:

@@ -1,0 +1,63 @@
+"""Training step time of a latent run with a latent cache and without one (every batch encoded in the step).
+
+    python bench/latent_step.py [--config digits-latent] [--steps 40] [--threads 2]
+
+Both trainers are built from the same config (the codec preset is trained first if it is not cached), differ only
+in codec.cache ("auto" vs "off"), and are timed step by step, interleaved, after a warm-up; the median step time
+and images/s are printed. Run on an idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from patchflow.config import load_config
+from patchflow.data import ResumableBatchSampler
+from patchflow.train.trainer import Trainer
+
+
+def batches(trainer: Trainer):
+    t = trainer.cfg.train
+    sampler = ResumableBatchSampler(len(trainer.dataset), t.batch_size, seed=t.seed)
+    loader = torch.utils.data.DataLoader(trainer.dataset, batch_sampler=sampler)
+    return iter(loader)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="digits-latent")
+    p.add_argument("--steps", type=int, default=40, help="timed steps per side")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, cache in (("cached latents", "auto"), ("encode every step", "off")):
+            cfg = load_config(args.config, [f"codec.cache=\"{cache}\"", "train.sample_every=0",
+                                            f"train.num_threads={args.threads}"])
+            trainer = Trainer(cfg, f"{tmp}/{cache}", progress=False)
+            runs[name] = (trainer, batches(trainer), [])
+        for trainer, it, _ in runs.values():
+            for _ in range(args.warmup):
+                trainer.train_step(it)
+        for _ in range(args.steps):
+            for trainer, it, times in runs.values():
+                t0 = time.perf_counter()
+                trainer.train_step(it)
+                times.append(time.perf_counter() - t0)
+    batch = next(iter(runs.values()))[0].cfg.train.batch_size
+    base = None
+    for name, (trainer, _, times) in runs.items():
+        med = statistics.median(times)
+        base = base or med
+        print(f"{name:18s} encode in step: {str(trainer.encode):5s}  median step {1000 * med:7.1f} ms  "
+              f"{batch / med:7.1f} images/s  ({med / base:.2f}x the cached step)")
+
+
+if __name__ == "__main__":
+    main()
