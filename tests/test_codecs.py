@@ -180,3 +180,23 @@ def test_autoencoder_training_terms_and_adversarial_term_trains_only_what_it_sho
         torch.testing.assert_close(model(x, noise)["kl"], want)
         torch.testing.assert_close(model(x, noise)["l1"], (model.codec.decode_raw(mean + (0.5 * logvar).exp() * noise)
                                                           - x).abs().flatten(1).mean(1))
+
+
+def test_a_video_codec_inflated_from_an_image_codec_codes_a_still_clip_like_the_image_codec():
+    image = codec(1)
+    video = KLAutoencoder(AutoencoderConfig(in_channels=3, time_downsample=2, **SMALL)).eval()
+    video.inflate_from(image)
+    still = (torch.rand(2, 3, 16, 16) * 2 - 1).unsqueeze(2).expand(-1, -1, 5, -1, -1).contiguous()
+    z_video, z_image = video.encode(still), image.encode(still[:, :, 0])
+    assert z_video.shape == (2, 3, 3, 4, 4)
+    for t in range(3):  # every latent frame of a still clip is the image codec's latent
+        torch.testing.assert_close(z_video[:, :, t], z_image, rtol=1e-5, atol=1e-5)
+    x_video, x_image = video.decode(z_video), image.decode(z_image)
+    for t in range(5):
+        torch.testing.assert_close(x_video[:, :, t], x_image, rtol=1e-4, atol=1e-5)
+    moving = torch.rand(2, 3, 5, 16, 16) * 2 - 1  # frames differ: the pairs are averaged, not equal any more
+    assert (video.encode(moving)[:, :, 1] - image.encode(moving[:, :, 1])).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="same in_channels, latent_channels, channels, blocks"):
+        video.inflate_from(codec(1, latent_channels=4))
+    with pytest.raises(ValueError, match="must be an image codec"):
+        video.inflate_from(codec(2))

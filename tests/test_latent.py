@@ -249,3 +249,23 @@ def test_resume_refuses_another_codec(codec_run, tmp_path, monkeypatch):
     train(latent_cfg(codec_run, "train.steps=2"), tmp_path / "run", progress=False)
     with pytest.raises(ValueError, match=r"--resume: codec.source = 'identity' differs from the run's"):
         Trainer(load_config("digits", DIT + ["model.in_channels=2"]), tmp_path / "run", resume=True, progress=False)
+
+
+def test_a_codec_preset_is_trained_into_the_cache_once_when_missing(tmp_path, monkeypatch):
+    import patchflow.train.codec as codec_mod
+    import patchflow.train.trainer as trainer_mod
+    from patchflow.codecs.presets import cached_codec_dir
+
+    monkeypatch.setenv("PATCHFLOW_CACHE", str(tmp_path / "cache"))
+    real_load = codec_mod.load_config
+    monkeypatch.setattr(codec_mod, "load_config", lambda name, *a: real_load(name, CODEC[4:] + ["train.steps=2"]))
+    trained = []
+    real_train = trainer_mod.train
+    monkeypatch.setattr(trainer_mod, "train", lambda *a, **k: trained.append(a[1]) or real_train(*a, **k))
+    with pytest.raises(codecs.CodecError, match="codec preset 'codec-digits' is not trained on this machine yet"):
+        codecs.load("codec-digits")
+    first = codec_mod.ensure_codec("codec-digits", progress=False)
+    assert trained == [cached_codec_dir("codec-digits")] and first.latent_channels == 4
+    second = codec_mod.ensure_codec("codec-digits", progress=False)  # cached now: no training
+    assert len(trained) == 1 and second.identity() == first.identity()
+    assert codecs.load("codec-digits").identity() == first.identity()

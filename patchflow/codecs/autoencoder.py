@@ -35,6 +35,7 @@ class AutoencoderConfig:
     channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # width per level; each later level halves H, W
     blocks: int = 1                   # residual blocks per level
     time_downsample: int = 1          # 1: image codec; 2, 4, ...: causal video codec compressing time by this
+    init_from: str = ""               # video codec: start from this image codec (a codec spec), inflated in time
     kl_weight: float = 1e-4           # KL to N(0, I), per latent value, relative to the per-pixel L1
     mse_weight: float = 1.0           # reconstruction = L1 + mse_weight * MSE (MSE drives PSNR, L1 keeps edges)
     adversarial_weight: float = 0.0   # hinge GAN with a patch discriminator; 0 (default) leaves it out
@@ -63,6 +64,9 @@ class AutoencoderConfig:
         if t < 1 or t & (t - 1) or t > self.space_factor:
             raise ValueError(f"model.time_downsample must be 1 or a power of 2 up to {self.space_factor} (one time "
                              f"halving per spatial level), got {t}")
+        if self.init_from and t == 1:
+            raise ValueError("model.init_from inflates an image codec into a video codec; it needs "
+                             "model.time_downsample > 1")
         for key in ("kl_weight", "mse_weight", "adversarial_weight"):
             if not 0 <= getattr(self, key) < 1e6:
                 raise ValueError(f"model.{key} must be >= 0, got {getattr(self, key)}")
@@ -206,6 +210,37 @@ class KLAutoencoder(Codec):
 
     def config_dict(self) -> dict:
         return asdict(self.cfg)
+
+    @torch.no_grad()
+    def inflate_from(self, image: "KLAutoencoder") -> None:
+        """Start this causal video codec as the image codec `image` applied frame by frame (Open-Sora and MAGVIT-v2
+        start their video autoencoders the same way): each 2D kernel becomes the present-frame tap of its causal 3D
+        kernel (past taps zero), time downsampling averages a pair of frames, time upsampling copies a frame to two.
+        Only the motion is left to learn."""
+        mine, theirs = self.cfg, image.cfg
+        same = ("in_channels", "latent_channels", "channels", "blocks")
+        if image.causal or any(getattr(mine, k) != getattr(theirs, k) for k in same):
+            raise ValueError(f"cannot inflate: model.init_from must be an image codec (time_downsample = 1) with "
+                             f"the same {', '.join(same)}; it has "
+                             f"{', '.join(f'{k} = {getattr(theirs, k)}' for k in same)}, time_downsample = "
+                             f"{theirs.time_downsample}")
+        source = image.state_dict()
+        for name, p in self.state_dict().items():
+            if name in source and source[name].shape == p.shape:  # norms, biases, per-frame 2D convs
+                p.copy_(source[name])
+            elif name in source:  # a 2D kernel (o, i, k, k) -> the last (present) tap of a causal (o, i, k, k, k)
+                p.zero_()
+                p[:, :, -1] = source[name]
+            elif name.endswith("time.weight"):
+                c = p.shape[1] if p.shape[0] > p.shape[1] else p.shape[0]
+                eye = torch.eye(c).reshape(c, c, 1, 1, 1)
+                # downsample (c, 2c): the mean of the pair; upsample (2c, c): both frames a copy
+                p.copy_(torch.cat([eye, eye], dim=0 if p.shape[0] > p.shape[1] else 1)
+                        * (1.0 if p.shape[0] > p.shape[1] else 0.5))
+            elif name.endswith("time.bias"):
+                p.zero_()
+            else:
+                raise ValueError(f"cannot inflate {name}: the image codec has no matching weight")
 
     def _frames_in(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.causal else rearrange(x, "b c t h w -> (b t) c h w")  # image codec: frames independent

@@ -89,6 +89,15 @@ def ensure_codec(spec: str, progress: bool = True) -> Codec:
     return codecs.load(spec)
 
 
+def inflation(cfg: RunConfig, progress: bool = True):
+    """For a video codec run with model.init_from: a function that starts its AutoencoderModel from that image codec
+    (trained first when it is a preset not cached yet); None otherwise."""
+    if not cfg.is_codec_run or not cfg.model.init_from:
+        return None
+    image = ensure_codec(cfg.model.init_from, progress=progress).cpu()
+    return lambda net: net.codec.inflate_from(image)
+
+
 def codec_for_run(cfg: RunConfig, out: Path, resume: bool, main: bool = True, progress: bool = True) -> Codec:
     """The codec a diffusion run trains in. A run keeps its own copy in `<run>/codec/` (patchflow codecs), so
     resuming and sampling never depend on the cache; a diffusers codec is read from codec.source."""

@@ -44,6 +44,7 @@ from patchflow.flops import measure_matmul_peak, mfu, run_forward_macs
 from patchflow.flow.objective import objective_for_run
 from patchflow.pipeline import build_model, preview, resolve_device, save_grid
 from patchflow.train import distributed
+from patchflow.train.codec import inflation
 from patchflow.train.checkpoint import (atomic_write_text, latest_checkpoint, load_into, load_state, load_weights,
                                         save_checkpoint, step_of)
 from patchflow.train.ema import EMA
@@ -148,10 +149,14 @@ class Trainer:
         self.codec, self.encode = None, False
         if cfg.codec.source != "identity":  # before seeding: a codec preset may be trained first
             self._prepare_codec(resume)
+        inflate = inflation(cfg, progress=self.progress)  # before seeding too: its image codec may be trained first
         _seed_everything(t.seed)  # the same initial weights on every process
         if self.codec is None:
             self.dataset = build_dataset(cfg.data, "train")
-        self.net = build_model(cfg).to(self.device)  # the model itself; self.model may be its DDP/FSDP wrapper
+        self.net = build_model(cfg)
+        if inflate is not None:  # a video codec starting from an image codec (also on resume: step 0 must match)
+            inflate(self.net)
+        self.net = self.net.to(self.device)  # the model itself; self.model may be its DDP/FSDP wrapper
         self.net.checkpoint_every = t.activation_checkpointing
         if t.compile:
             self.net.compile_blocks()
