@@ -18,10 +18,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 import tomli_w
 
+from patchflow.codecs.autoencoder import AutoencoderConfig
 from patchflow.flow.ddpm import PREDICTIONS, SCHEDULES
 from patchflow.flow.rectified import TIMESTEP_SAMPLING
 from patchflow.flow.samplers import SAMPLERS
-from patchflow.codecs.autoencoder import AutoencoderConfig
 from patchflow.models.dit import DiTConfig
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -232,13 +232,13 @@ class RunConfig:
         return self
 
     def _validate_codec_run(self) -> "RunConfig":
+        from patchflow.data import pixel_shape  # data imports this module
+
         if self.codec.source != "identity":
             raise ConfigError(f"codec.source = {_show(self.codec.source)}: a codec run (model.arch = "
                               f"\"autoencoder\") learns from pixels; leave codec.source = \"identity\"")
         if self.data.dataset == "captions":
             raise ConfigError("data.dataset = \"captions\" is not for codec runs; use \"folder\" (any images)")
-        from patchflow.data import pixel_shape
-
         for key in ("compile", "activation_checkpointing"):
             if getattr(self.train, key):
                 raise ConfigError(f"train.{key} is a switch for transformer blocks; a codec run (model.arch = "

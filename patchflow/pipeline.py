@@ -102,7 +102,7 @@ def preview(model: nn.Module, cfg: RunConfig, codec=None, device: torch.device |
     A diffusion run: samples, one column per class (decoded by `codec` in a latent run). A codec run: held-out
     items (rows of originals) above their reconstructions; clips show one frame per column.
     """
-    if cfg.model.arch != "autoencoder":
+    if not cfg.is_codec_run:
         m = cfg.model
         rows = max(1, min(10, 100 // m.num_classes))
         x = generate(model, cfg, torch.arange(m.num_classes).repeat(rows), device=device, codec=codec)
