@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import torch
 import torch.nn as nn
@@ -193,11 +194,11 @@ class Codec(nn.Module):
                 "latent_channels": self.latent_channels, "time_factor": self.time_factor,
                 "space_factor": self.space_factor}
 
-    def compression(self, channels: int | None = None) -> float:
-        """Values in / values out for an image: C * f^2 / c (times the time factor for long clips)."""
-        c_in = self.in_channels or channels or 1
-        c_lat = self.latent_channels or c_in
-        return c_in * self.space_factor**2 * self.time_factor / c_lat
+    def compression(self, shape) -> float:
+        """Pixel values per latent value for inputs of `shape` (B, C, [T,] H, W); a causal codec keeps frame 0
+        whole, so a clip's ratio depends on its length."""
+        latent = self.latent_shape(shape)
+        return math.prod(shape[1:]) / math.prod(latent[1:])
 
 
 class IdentityCodec(Codec):

@@ -25,7 +25,8 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
 
 
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+def psnr(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """Per-item PSNR (dB) of reconstructions a (clamped to [-1, 1]) against originals b; peak-to-peak 2."""
     err = (a.float().clamp(-1, 1) - b.float()).pow(2).flatten(1).mean(1)
     return (10 * torch.log10(4.0 / err.clamp(min=1e-12))).numpy()
 
@@ -52,11 +53,6 @@ def mnist_crop(ink_map: np.ndarray, box) -> np.ndarray:
     top, left = min(max(top, 0), 32 - size[1]), min(max(left, 0), 32 - size[0])
     out[top:top + size[1], left:left + size[0]] = glyph
     return out.clip(0, 255).astype(np.uint8)
-
-
-def _compression(codec, x: torch.Tensor) -> float:
-    """Pixel values per latent value for items shaped like x (a causal codec keeps frame 0 whole)."""
-    return float(np.prod(x.shape[1:]) / np.prod(codec.latent_shape(x[:1].shape)[1:]))
 
 
 def _nearest_color(rgb: np.ndarray) -> str:
@@ -91,8 +87,8 @@ def _scores(codec, world: str, n: int, frames: int, classifier) -> dict:
         n = min(n, len(data))
         x, labels = data.images[:n], data.labels[:n].numpy()
         recon = reconstruct(codec, x)
-        return {"world": world, "n": n, "psnr_db": float(_psnr(recon, x).mean()),
-                "compression": _compression(codec, x), "accuracy_original": accuracy(_to_uint8(x)[:, 0], labels),
+        return {"world": world, "n": n, "psnr_db": float(psnr(recon, x).mean()),
+                "compression": codec.compression(tuple(x.shape)), "accuracy_original": accuracy(_to_uint8(x)[:, 0], labels),
                 "accuracy_reconstructed": accuracy(_to_uint8(recon)[:, 0], labels)}
     if world == "color-digits":
         from patchflow.data.color_digits import ColorDigitsDataset
@@ -129,8 +125,8 @@ def _scores(codec, world: str, n: int, frames: int, classifier) -> dict:
             crops_r.append(mnist_crop(ink(r, a["color_rgb"], a["background_rgb"]), box))
             labels.append(a["digit"])
     labels = np.asarray(labels)
-    return {"world": world, "n": n, "frames": int(orig8.shape[1]), "psnr_db": float(_psnr(recon, x).mean()),
-            "compression": _compression(codec, x),
+    return {"world": world, "n": n, "frames": int(orig8.shape[1]), "psnr_db": float(psnr(recon, x).mean()),
+            "compression": codec.compression(tuple(x.shape)),
             "accuracy_original": accuracy(np.stack(crops_o), labels),
             "accuracy_reconstructed": accuracy(np.stack(crops_r), labels),
             "stroke_rgb_error": float(np.mean(stroke_err)), "background_rgb_error": float(np.mean(bg_err)),

@@ -38,10 +38,9 @@ def measure_latent_stats(codec: Codec, dataset) -> tuple[list[float], list[float
 @torch.no_grad()
 def reconstruction_psnr(codec: Codec, dataset, limit: int = 500) -> float:
     """Mean PSNR (dB, pixels in [-1, 1] -> peak-to-peak 2) of decode(encode(x)) over the first `limit` items."""
-    psnrs = []
-    for x, _ in _batches(dataset, limit):
-        err = (codec.decode(codec.encode(x)).clamp(-1, 1) - x).pow(2).flatten(1).mean(1)
-        psnrs.extend((10 * torch.log10(4.0 / err.clamp(min=1e-12))).tolist())
+    from patchflow.evaluate.codec import psnr
+
+    psnrs = [v for x, _ in _batches(dataset, limit) for v in psnr(codec.decode(codec.encode(x)), x)]
     return float(sum(psnrs) / len(psnrs))
 
 
@@ -49,7 +48,7 @@ def export_codec(run_dir: str | Path, cfg: RunConfig | None = None) -> Path:
     """Write `<run>/codec/` from a finished codec run: its EMA weights, latent statistics measured on its training
     data, and the held-out reconstruction PSNR."""
     from patchflow.codecs.autoencoder import AutoencoderModel
-    from patchflow.data import build_dataset
+    from patchflow.data import build_dataset, pixel_shape
     from patchflow.train.checkpoint import load_into, load_weights
 
     run_dir = Path(run_dir)
@@ -63,8 +62,9 @@ def export_codec(run_dir: str | Path, cfg: RunConfig | None = None) -> Path:
         held_out = build_dataset(cfg.data, "val")
     except ValueError:  # folders have no validation split
         held_out = None
+    channels, frames, size = pixel_shape(cfg.data)
     info = {"trained_by": {"dataset": cfg.data.dataset, "steps": cfg.train.steps},
-            "compression": codec.compression()}
+            "compression": codec.compression((1, channels, frames, size, size))}
     if held_out is not None:
         info["val_psnr_db"] = round(reconstruction_psnr(codec, held_out), 3)
     return codecs.save(codec, run_dir / "codec", extra=info)
