@@ -1,10 +1,12 @@
-"""Training step time of a latent run with a latent cache and without one (every batch encoded in the step).
+"""Training step time with a cache and without one: latents (codec.cache) or text embeddings (text.cache).
 
     python bench/latent_step.py [--config digits-latent] [--steps 40] [--threads 2]
+    python bench/latent_step.py --cache text [--config color-digits]
 
 Both trainers are built from the same config (the codec preset is trained first if it is not cached), differ only
-in codec.cache ("auto" vs "off"), and are timed step by step, interleaved, after a warm-up; the median step time
-and images/s are printed. Run on an idle machine.
+in the cache setting ("auto" vs "off": every batch encoded by the codec, or every batch of captions by the text
+encoder, inside the step), and are timed step by step, interleaved, after a warm-up; the median step time and
+images/s are printed. Run on an idle machine.
 """
 from __future__ import annotations
 
@@ -29,17 +31,20 @@ def batches(trainer: Trainer):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="digits-latent")
+    p.add_argument("--cache", choices=["latents", "text"], default="latents", help="which cache to switch")
+    p.add_argument("--config", help="default: digits-latent (latents), color-digits (text)")
     p.add_argument("--steps", type=int, default=40, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    key = "codec.cache" if args.cache == "latents" else "text.cache"
+    config = args.config or ("digits-latent" if args.cache == "latents" else "color-digits")
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, cache in (("cached latents", "auto"), ("encode every step", "off")):
-            cfg = load_config(args.config, [f"codec.cache=\"{cache}\"", "train.sample_every=0",
-                                            f"train.num_threads={args.threads}"])
+        for name, cache in ((f"cached {args.cache}", "auto"), ("encode every step", "off")):
+            cfg = load_config(config, [f"{key}=\"{cache}\"", "train.sample_every=0",
+                                       f"train.num_threads={args.threads}"])
             trainer = Trainer(cfg, f"{tmp}/{cache}", progress=False)
             runs[name] = (trainer, batches(trainer), [])
         for trainer, it, _ in runs.values():
@@ -55,7 +60,8 @@ def main() -> None:
     for name, (trainer, _, times) in runs.items():
         med = statistics.median(times)
         base = base or med
-        print(f"{name:18s} encode in step: {str(trainer.encode):5s}  median step {1000 * med:7.1f} ms  "
+        print(f"{name:18s} {key} = {trainer.cfg.text.cache if args.cache == 'text' else trainer.cfg.codec.cache:4s}"
+              f"  median step {1000 * med:7.1f} ms  "
               f"{batch / med:7.1f} images/s  ({med / base:.2f}x the cached step)")
 
 

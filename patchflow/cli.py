@@ -85,12 +85,56 @@ def _check_sampler(args, cfg) -> None:
                          f"choose one of: {', '.join(map(repr, allowed))}")
 
 
-def _sample_run(args, labels: np.ndarray) -> np.ndarray:
+def _prompts_from_args(args, n_flag: str = "--n") -> list[str]:
+    """The prompts of a text run's sampling command: --prompt (n times) or --prompts-file (one a line)."""
+    if args.prompts_file is not None:
+        if args.prompt is not None:
+            raise ValueError("give --prompt or --prompts-file, not both")
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompts-file {str(path)!r} does not exist (a text file, one prompt a line)")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompts-file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not prompts:
+            raise ValueError(f"--prompts-file {str(path)!r} holds no prompts (blank lines and lines starting with # "
+                             f"are skipped)")
+        return prompts
+    if args.prompt is None:
+        raise ValueError(f"say what to sample: --prompt TEXT (with {n_flag}) or --prompts-file FILE")
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty; describe the image, e.g. --prompt \"a red 7 on a black background, in "
+                         "the center\"")
+    return [args.prompt] * args.n
+
+
+def _sampling_targets(args, cfg) -> np.ndarray | list[str]:
+    """Labels for a class run, prompts for a text run; the wrong kind of flag is an error that says which."""
+    text_flags = [f for f, v in (("--prompt", args.prompt), ("--prompts-file", args.prompts_file),
+                                 ("--negative-prompt", args.negative_prompt)) if v is not None]
+    label_flags = [f for f, v in (("--label", args.label), ("--labels-all", args.labels_all)) if v is not None]
+    if cfg.is_text_run:
+        if label_flags:
+            raise ValueError(f"{label_flags[0]} is for class-conditional runs; {args.run_dir} is text-to-image: use "
+                             f"--prompt TEXT or --prompts-file FILE")
+        return _prompts_from_args(args)
+    if text_flags:
+        raise ValueError(f"{text_flags[0]} is for text-to-image runs; {args.run_dir} is class-conditional "
+                         f"({cfg.model.num_classes} classes): use --label K or --labels-all N")
+    return _labels_from_args(args, cfg.model.num_classes)
+
+
+def _sample_run(args, targets) -> np.ndarray:
     from patchflow.pipeline import Pipeline
 
     pipe = Pipeline.load(args.run_dir, ema=not args.no_ema, device=args.device)
-    return pipe(labels.tolist(), steps=args.steps, guidance=args.guidance, seed=args.seed, sampler=args.sampler,
-                progress=not args.quiet)
+    common = dict(steps=args.steps, guidance=args.guidance, seed=args.seed, sampler=args.sampler,
+                  progress=not args.quiet)
+    if pipe.cfg.is_text_run:
+        return pipe(prompt=list(targets), negative_prompt=getattr(args, "negative_prompt", None), **common)
+    return pipe(np.asarray(targets).tolist(), **common)
 
 
 def cmd_sample(args) -> None:
@@ -105,19 +149,21 @@ def cmd_sample(args) -> None:
         raise ValueError(f"{args.run_dir} is a codec run: it encodes and decodes, it does not sample; score it with "
                          f"`patchflow eval {args.run_dir}` or use patchflow.codecs.load({str(args.run_dir)!r})")
     _check_sampler(args, cfg)
-    labels = _labels_from_args(args, cfg.model.num_classes)
+    targets = _sampling_targets(args, cfg)
     t0 = time.perf_counter()
-    images = _sample_run(args, labels)
+    images = _sample_run(args, targets)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".npz":
-        np.savez_compressed(out, images=images, labels=labels.astype(np.int64))
+    if out.suffix == ".npz" and cfg.is_text_run:
+        np.savez_compressed(out, images=images, prompts=np.array(targets, dtype=str))
+    elif out.suffix == ".npz":
+        np.savez_compressed(out, images=images, labels=targets.astype(np.int64))
     else:
         nrow = cfg.model.num_classes if args.labels_all is not None else min(len(images), 8)
         if args.labels_all is not None:  # one column per class
             images = images.reshape(cfg.model.num_classes, args.labels_all, *images.shape[1:]).swapaxes(0, 1)
             images = images.reshape(-1, *images.shape[2:])
         save_grid(images, out, nrow=nrow)
-    print(f"wrote {len(labels)} samples to {out} in {time.perf_counter() - t0:.1f}s")
+    print(f"wrote {len(targets)} samples to {out} in {time.perf_counter() - t0:.1f}s")
 
 
 def cmd_eval(args) -> None:
@@ -136,9 +182,12 @@ def cmd_eval(args) -> None:
         if not isinstance(f, np.lib.npyio.NpzFile):
             raise ValueError(f"{src}: not a readable .npz file (it holds one array; images and labels are needed)")
         with f:
+            if "prompts" in f.files:  # samples of a text run: prompt following
+                return _eval_prompts_npz(args, src)
             missing = {"images", "labels"} - set(f.files)
             if missing:
-                raise ValueError(f"{src} lacks {sorted(missing)}; patchflow sample --out x.npz writes both")
+                raise ValueError(f"{src} lacks {sorted(missing)}; patchflow sample --out x.npz writes images and "
+                                 f"labels (class runs) or images and prompts (text runs)")
             images, labels = f["images"], f["labels"]
     else:
         from patchflow.pipeline import load_run_config
@@ -146,6 +195,8 @@ def cmd_eval(args) -> None:
         cfg = load_run_config(src)
         if cfg.is_codec_run:
             return _eval_codec(args, src, cfg)
+        if cfg.is_text_run:
+            return _eval_text(args, src, cfg)
         if cfg.data.dataset != "digits":
             raise ValueError(f"patchflow eval scores runs of the built-in digits world; {src} trains on {cfg.data.dataset}")
         _check_sampler(args, cfg)
@@ -158,6 +209,47 @@ def cmd_eval(args) -> None:
     print(f"class accuracy: {result['accuracy']:.4f}   (classifier on real validation digits: "
           f"{result['classifier_val_accuracy']:.4f})")
     print(f"Frechet distance (classifier features): {result['fd']:.3f}   (real-data ceiling: {result['fd_real']:.3f})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def _eval_prompts_npz(args, src: Path) -> None:
+    """An .npz of a text run's samples (images, prompts): how often each shows what its prompt asked."""
+    from patchflow.evaluate.prompts import format_report, score_npz
+
+    report = score_npz(src)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.as_dict(), indent=2))
+
+
+def _eval_text(args, src: Path, cfg) -> None:
+    """A color-digits text run: prompt following on held-out prompts (canonical, paraphrased, numbers) beside the
+    real held-out images, or with --curve the learning curve over the run's kept checkpoints."""
+    from patchflow.evaluate.text_run import evaluate_pipeline, format_curve, learning_curve
+    from patchflow.pipeline import Pipeline
+
+    if cfg.data.dataset != "color-digits":
+        raise ValueError(f"patchflow eval scores prompt following on the built-in color-digits world; {src} trains on "
+                         f"{cfg.data.dataset} (sample it with --prompts-file and score the .npz your own way)")
+    _check_sampler(args, cfg)
+    n = args.prompts
+    if not 1 <= n <= 1000:
+        raise ValueError(f"--prompts must be in 1..1000 (the held-out items), got {n}")
+    if args.curve:
+        curve = learning_curve(src, n=n, seed=args.seed, steps=args.steps, guidance=args.guidance)
+        if not curve:
+            raise ValueError(f"{src}/checkpoints holds no checkpoint to score")
+        print(format_curve(curve))
+        if args.json:
+            Path(args.json).write_text(json.dumps(curve, indent=2))
+        return
+    pipe = Pipeline.load(src, ema=not args.no_ema, device=args.device)
+    sets = {"canonical": n, "paraphrase": max(1, n * 3 // 5), "number": min(239, max(1, n * 2 // 5))}
+    result = evaluate_pipeline(pipe, sets, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                               progress=not args.quiet)
+    for kind, r in result.items():
+        print(f"\n{kind} prompts ({r['model']['n']}), model vs real held-out images:\n{r['table']}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 
@@ -189,6 +281,16 @@ def cmd_convert(args) -> None:
 
     if args.num_heads is not None and args.num_heads < 1:
         raise ValueError(f"--num-heads must be >= 1, got {args.num_heads}")
+    if args.num_heads is not None and args.kind != "dit-official":
+        raise ValueError(f"--num-heads is for dit-official checkpoints; {args.kind} reads the heads from config.json")
+    if args.kind in ("diffusers-sd3", "to-diffusers-sd3"):
+        from patchflow.convert.sd3 import export_diffusers_sd3, import_diffusers_sd3
+
+        if args.kind == "diffusers-sd3":
+            print(f"wrote run directory {import_diffusers_sd3(args.source, args.out_dir)}")
+        else:
+            print(f"wrote diffusers SD3Transformer2DModel folder {export_diffusers_sd3(args.source, args.out_dir)}")
+        return
     if args.kind == "dit-official":
         out = convert_official_dit(args.source, args.out_dir, num_heads=args.num_heads)
     else:
@@ -251,12 +353,14 @@ def cmd_plan(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    if args.world == "color-digits":
+        return _demo_color_digits(args)
     from patchflow.config import load_config
     from patchflow.evaluate.digits import evaluate_samples
     from patchflow.pipeline import Pipeline, save_grid
     from patchflow.train.trainer import train
 
-    out = Path(args.out)
+    out = Path(args.out or "runs/demo")
     cfg = load_config("digits", args.set)
     t0 = time.perf_counter()
     train(cfg, out, resume=args.resume, progress=not args.quiet)
@@ -272,6 +376,48 @@ def cmd_demo(args) -> None:
     print(f"class accuracy {result['accuracy']:.4f} at {cfg.sample.steps} {cfg.sample.sampler} steps, "
           f"guidance {cfg.sample.guidance}; Frechet distance {result['fd']:.3f} (real-data ceiling {result['fd_real']:.3f})")
     print(f"done in {time.perf_counter() - t0:.0f}s")
+
+
+def demo_prompts() -> list[str]:
+    """The color-digits demo grid: digits 0-9 across, one row per (colour, background, position), then numbers."""
+    from patchflow.data.color_digits import POSITION_PHRASES
+    from patchflow.data.worlds import article
+
+    rows = [("red", "black", "centre"), ("white", "blue", "left"), ("yellow", "magenta", "right"),
+            ("cyan", "red", "top"), ("orange", "gray", "bottom"), ("green", "white", "centre"),
+            ("blue", "yellow", "centre"), ("black", "cyan", "left")]
+    prompts = [f"{article(c)} {c} {d} on {article(b)} {b} background, {POSITION_PHRASES[p]}"
+               for c, b, p in rows for d in range(10)]
+    return prompts + [f"the number {n} in {c} on {article(b)} {b} background"
+                      for n, (c, b) in zip((10, 23, 42, 57, 68, 71, 85, 99, 36, 14),
+                                           [("white", "black"), ("yellow", "blue"), ("green", "gray"),
+                                            ("red", "white"), ("magenta", "green"), ("cyan", "black"),
+                                            ("orange", "blue"), ("black", "yellow"), ("blue", "white"),
+                                            ("white", "red")])]
+
+
+def _demo_color_digits(args) -> None:
+    """Train the color-digits text-to-image preset (its codec first when none is cached), write a sample grid, and
+    score prompt following on held-out prompts beside the real images."""
+    from patchflow.config import load_config
+    from patchflow.evaluate.text_run import evaluate_pipeline
+    from patchflow.pipeline import Pipeline, save_grid
+    from patchflow.train.trainer import train
+
+    out = Path(args.out or "runs/demo-color-digits")
+    cfg = load_config("color-digits", args.set)
+    t0 = time.perf_counter()
+    train(cfg, out, resume=args.resume, progress=not args.quiet)
+    print(f"trained in {time.perf_counter() - t0:.0f}s")
+    pipe = Pipeline.load(out, device="cpu")
+    save_grid(pipe(prompt=demo_prompts(), seed=0), out / "demo_grid.png", nrow=10)
+    result = evaluate_pipeline(pipe, seed=1, progress=not args.quiet)
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    print(f"sample grid: {out / 'demo_grid.png'} (rows: prompts in demo_prompts(), digits 0-9 across)")
+    for kind, r in result.items():
+        print(f"\n{kind} held-out prompts, {cfg.sample.steps} {cfg.sample.sampler} steps, guidance "
+              f"{cfg.sample.guidance}; model vs real images:\n{r['table']}")
+    print(f"\ndone in {time.perf_counter() - t0:.0f}s")
 
 
 def _add_sampling_flags(p) -> None:
@@ -298,24 +444,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample images from a run")
     p.add_argument("run_dir")
-    p.add_argument("--label", type=int)
-    p.add_argument("--n", type=int, default=16, help="samples of --label")
+    p.add_argument("--label", type=int, help="class to sample (class-conditional runs)")
+    p.add_argument("--n", type=int, default=16, help="samples of --label or --prompt")
     p.add_argument("--labels-all", type=int, metavar="N", help="N samples of every class")
-    p.add_argument("--out", required=True, help=".png grid or .npz (images uint8 (N,H,W,C), labels (N,))")
+    p.add_argument("--prompt", help="text to sample (text-to-image runs)")
+    p.add_argument("--prompts-file", help="one prompt a line, one sample each (blank lines and # lines skipped)")
+    p.add_argument("--negative-prompt", help="what to steer away from (replaces the empty prompt of guidance)")
+    p.add_argument("--out", required=True, help=".png grid or .npz (images uint8 (N,H,W,C), and labels (N,) or "
+                                                "prompts (N,))")
     _add_sampling_flags(p)
     p.set_defaults(fn=cmd_sample)
 
-    p = sub.add_parser("eval", help="score a digits run (or an .npz of samples), or a codec run's reconstructions")
+    p = sub.add_parser("eval", help="score a digits or color-digits run (or an .npz of samples), or a codec run's "
+                                    "reconstructions")
     p.add_argument("source", help="run directory or .npz written by `patchflow sample`")
     p.add_argument("--per-class", type=int, default=100,
                    help="samples per class when sampling a run (a codec run: 5x this many held-out items)")
+    p.add_argument("--prompts", type=int, default=500,
+                   help="text runs: held-out canonical prompts to sample (paraphrases and numbers scale with it)")
+    p.add_argument("--curve", action="store_true",
+                   help="text runs: score every kept checkpoint (the learning curve) on --prompts prompts")
     p.add_argument("--json", help="also write the figures to this JSON file")
     _add_sampling_flags(p)
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("convert", help="import third-party DiT weights into a run directory")
-    p.add_argument("kind", choices=["dit-official", "diffusers-dit"])
-    p.add_argument("source", help="official checkpoint (.pt/.pth/.safetensors) or a diffusers model folder")
+    p = sub.add_parser("convert", help="import third-party DiT / SD3 weights into a run directory, or export an "
+                                       "MMDiT run to diffusers")
+    p.add_argument("kind", choices=["dit-official", "diffusers-dit", "diffusers-sd3", "to-diffusers-sd3"],
+                   help="dit-official, diffusers-dit, diffusers-sd3: import into a new run directory; "
+                        "to-diffusers-sd3: export an MMDiT run (EMA weights) as an SD3Transformer2DModel folder")
+    p.add_argument("source", help="official checkpoint (.pt/.pth/.safetensors), a diffusers model or pipeline "
+                                  "folder, or (to-diffusers-sd3) a run directory")
     p.add_argument("out_dir")
     p.add_argument("--num-heads", type=int, help="heads, when the hidden size is not one of DiT-S/B/L/XL")
     p.set_defaults(fn=cmd_convert)
@@ -336,8 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=1, help="activation checkpointing every k-th block")
     p.set_defaults(fn=cmd_plan)
 
-    p = sub.add_parser("demo", help="train the digits preset on this machine and write a sample grid")
-    p.add_argument("--out", default="runs/demo")
+    p = sub.add_parser("demo", help="train a preset on this machine, write a sample grid and score it")
+    p.add_argument("world", nargs="?", default="digits", choices=["digits", "color-digits"],
+                   help="digits (class-conditional, a few minutes) or color-digits (text-to-image)")
+    p.add_argument("--out", help="run directory (default runs/demo, runs/demo-color-digits)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--quiet", action="store_true")

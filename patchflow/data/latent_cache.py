@@ -32,9 +32,16 @@ class CacheError(ValueError):
     """A latent cache that does not belong to this run; the message says why and how to rebuild it."""
 
 
+# a built-in world's items change when its generator changes: the version joins the identity, so caches of an
+# older world are refused as stale instead of training on images the world no longer draws
+WORLD_VERSIONS = {"digits": 1, "color-digits": 2, "moving-digits": 2}
+
+
 def data_identity(cfg: DataConfig) -> dict:
     """The data settings that decide a data set's items (not the loader's worker count)."""
     d = {k: getattr(cfg, k) for k in DATA_KEYS}
+    if cfg.dataset in WORLD_VERSIONS:
+        d["world_version"] = WORLD_VERSIONS[cfg.dataset]
     if d["path"]:
         d["path"] = str(Path(d["path"]).expanduser().resolve())
     return d

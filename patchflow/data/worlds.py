@@ -1,7 +1,8 @@
 """Pieces shared by the built-in text-conditioned worlds (`color-digits`, `moving-digits`).
 
-Colours, digit words, caption fragments, per-item random generators, MNIST glyphs and rendering a glyph as an
-alpha mask blended between a background and a digit colour. Images here are uint8 (..., H, W, 3) RGB until
+Colours (and the colour pairs the worlds draw: never equal, never one of EXCLUDED_PAIRS), digit words, caption
+fragments, per-item random generators, MNIST glyphs and rendering a glyph as an alpha mask blended between a
+background and a digit colour. Images here are uint8 (..., H, W, 3) RGB until
 `to_tensor` turns them into float32 (3, T, H, W) in [-1, 1].
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from PIL import Image
 
 from patchflow.data.digits import SIZE, load_digits, split_indices  # SIZE is re-exported to the worlds
 
-# name -> RGB; every pair differs by >= 127 in some channel, so any digit/background pair is legible
+# name -> RGB; every pair differs by >= 127 in some channel (so a stroke pixel never rounds to the background)
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0),
     "green": (0, 255, 0),
@@ -29,9 +30,18 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "black": (0, 0, 0),
 }
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
+# pairs too close to tell apart by eye (either order): never drawn as a digit colour on a background
+EXCLUDED_PAIRS: frozenset[frozenset[str]] = frozenset(frozenset(p) for p in (
+    ("yellow", "orange"), ("white", "yellow"), ("cyan", "white"), ("yellow", "cyan"), ("green", "yellow"),
+    ("green", "cyan"), ("red", "gray"), ("red", "magenta"), ("magenta", "gray"),
+))
+# the (digit colour, background colour) pairs the worlds draw: different and not excluded, 72 of the 90
+COLOR_PAIRS: tuple[tuple[str, str], ...] = tuple(
+    (c, b) for c in COLOR_NAMES for b in COLOR_NAMES if c != b and frozenset((c, b)) not in EXCLUDED_PAIRS)
 DIGIT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPLITS = {"train": 0, "val": 1}
 INK_GAIN = 1.5
+INK_FLOOR = 0.01  # coverage below this is dropped: every kept stroke pixel differs visibly from the background
 MARGIN = 1  # glyphs never touch the border, so a glyph is never clipped and a pasted shift is exact
 
 # regex pieces for the parsers (captions are lower-cased and whitespace-collapsed before matching)
@@ -72,10 +82,14 @@ def item_rng(world: int, seed: int, split: str, i: int, stream: int = 0) -> np.r
     return np.random.default_rng([world, seed, SPLITS[split], i, stream])
 
 
+def legible(color: str, background: str) -> bool:
+    """Whether a digit in `color` on `background` is a pair the worlds draw (different, not in EXCLUDED_PAIRS)."""
+    return color != background and frozenset((color, background)) not in EXCLUDED_PAIRS
+
+
 def pick_colors(rng: np.random.Generator) -> tuple[str, str]:
-    """(digit colour, background colour), uniform over ordered pairs of different colours."""
-    c, b = rng.choice(len(COLOR_NAMES), size=2, replace=False)
-    return COLOR_NAMES[c], COLOR_NAMES[b]
+    """(digit colour, background colour), uniform over COLOR_PAIRS: never equal, never an excluded pair."""
+    return COLOR_PAIRS[int(rng.integers(len(COLOR_PAIRS)))]
 
 
 class Glyphs:
@@ -95,6 +109,8 @@ class Glyphs:
             self.crops.append(np.ascontiguousarray(im[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]))
         # each crop's ink centre of mass as a fraction of its (width, height), pixel edges at 0 and 1
         self.mass_centre = np.array([_mass_centre(c) for c in self.crops], np.float64)
+        # resized glyphs are reused: an item's layout and its rendering ask for the same ones
+        self._ink = lru_cache(maxsize=4096)(self._render_ink)
 
     def centre_offset(self, j: int, height: int, width: int) -> tuple[float, float]:
         """(x, y) of glyph j's ink centre of mass, in pixels from its top-left pixel's centre, at this size."""
@@ -117,6 +133,37 @@ class Glyphs:
         a = np.asarray(im, dtype=np.float32)
         # ink saturates at 2/3 of the glyph's peak: thin strokes of small glyphs still show pure colour pixels
         return np.minimum(a * (INK_GAIN / max(float(a.max()), 1.0)), 1.0)
+
+
+    def ink(self, j: int, height: int, max_width: int) -> np.ndarray:
+        """Glyph j as float32 stroke coverage (height, w) in [0, 1], trimmed to its ink: its first and last rows
+        and columns hold ink, its ink height is exactly `height` (>= 2), its width the natural aspect ratio's,
+        squeezed to at most `max_width`. Coverage below INK_FLOOR is zero. Cached; do not modify the array."""
+        return self._ink(int(j), int(height), int(max_width))
+
+    def _render_ink(self, j: int, height: int, max_width: int) -> np.ndarray:
+        crop = self.crops[j]
+        first = None
+        for rows in (height, height + 1, height + 2):  # a faint edge row can vanish when resized: go taller
+            w = int(min(max_width, max(1, round(crop.shape[1] * rows / crop.shape[0]))))
+            a = np.asarray(Image.fromarray(crop).resize((w, rows), Image.LANCZOS), dtype=np.float32)
+            a = np.minimum(a * (INK_GAIN / max(float(a.max()), 1.0)), 1.0)
+            a[a < INK_FLOOR] = 0.0
+            ys, xs = np.flatnonzero(a.any(1)), np.flatnonzero(a.any(0))
+            a = np.ascontiguousarray(a[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1])
+            if a.shape[0] == height:
+                return a
+            first = a if first is None else first
+        return first  # not reached for MNIST glyphs at heights >= 2; the caller records the real height
+
+
+def mass_centre(alpha: np.ndarray) -> tuple[float, float]:
+    """(x, y) centre of mass of a (H, W) weight map, in pixel-centre coordinates (pixel (0, 0) at (0, 0))."""
+    w = alpha.astype(np.float64)
+    total = w.sum()
+    if total <= 0:
+        raise ValueError("mass_centre of an empty weight map")
+    return float(w.sum(0) @ np.arange(w.shape[1]) / total), float(w.sum(1) @ np.arange(w.shape[0]) / total)
 
 
 def _mass_centre(crop: np.ndarray) -> tuple[float, float]:

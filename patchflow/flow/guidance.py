@@ -25,21 +25,35 @@ def drop_labels(y: torch.Tensor, null: int, prob: float, generator: torch.Genera
     return torch.where(drop, torch.full_like(y, null), y)
 
 
-def classifier_free(model, y: torch.Tensor, null: torch.Tensor, scale: float,
-                    interval: tuple[float, float] = (0.0, 1.0), t_max: float = 1000.0):
-    """Wrap model(x, t, y) into fn(x, t) that applies guidance `scale`.
+def _cat(a, b):
+    """Join the conditional and unconditional inputs on the batch axis: tensors, or dicts of tensors."""
+    if isinstance(a, dict):
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+    return torch.cat([a, b])
 
+
+def _call(model, x, t, cond):
+    return model(x, t, **cond) if isinstance(cond, dict) else model(x, t, cond)
+
+
+def classifier_free(model, cond, null, scale: float, interval: tuple[float, float] = (0.0, 1.0),
+                    t_max: float = 1000.0):
+    """Wrap model(x, t, cond) into fn(x, t) that applies guidance `scale`.
+
+    `cond` / `null` are label tensors (B,) passed as the model's third argument, or dicts of (B, ...) tensors
+    passed as keywords (a text model's `text`, `text_mask`, `pooled`; `null` is the empty or negative prompt).
     Guidance is applied only where t / t_max lies in `interval` (Kynkaanniemi et al. 2024 limit it to the
     middle of the noise range); elsewhere only the conditional branch runs. scale == 1 never doubles the batch.
     """
     lo, hi = interval
+    both = _cat(cond, null) if scale != 1.0 else None
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         level = float(t.reshape(-1)[0]) / t_max
         if scale == 1.0 or not lo <= level <= hi:
-            return model(x, t, y)
-        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
-        cond, uncond = out.chunk(2)
-        return combine(cond, uncond, scale, channels=x.shape[1])
+            return _call(model, x, t, cond)
+        out = _call(model, torch.cat([x, x]), torch.cat([t, t]), both)
+        cond_out, uncond_out = out.chunk(2)
+        return combine(cond_out, uncond_out, scale, channels=x.shape[1])
 
     return fn

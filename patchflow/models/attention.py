@@ -6,6 +6,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class HeadRMSNorm(nn.RMSNorm):
+    """RMSNorm of each head's features (QK-norm). The weight follows the input's dtype: under bf16 autocast the
+    queries and keys are bf16, and a bf16 input with an fp32 weight misses the fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False):
         super().__init__()
@@ -15,8 +23,8 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         # QK-norm (RMSNorm per head) keeps attention logits bounded at large scale (SD3, ViT-22B).
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = HeadRMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = HeadRMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:

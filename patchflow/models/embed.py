@@ -65,6 +65,43 @@ def sincos_3d(dim: int, grid: tuple[int, int, int]) -> torch.Tensor:
     return table.float()
 
 
+class CroppedPositions(nn.Module):
+    """A fixed square table of 2D sin-cos positions, centre-cropped to each input's patch grid (SD3).
+
+    The table has `table` patches a side, laid over the training grid of `grid` patches: patch i of the table sits
+    at position i * grid / table, so a table twice the grid holds positions in half steps. A (h, w) input takes the
+    centre crop starting at row (table - h) // 2, column (table - w) // 2: one model runs at other sizes and aspect
+    ratios up to table x table patches. Per token the first half of the features encodes the column, the second
+    half the row, as in DiT.
+    """
+
+    def __init__(self, dim: int, table: int, grid: int):
+        super().__init__()
+        if dim % 4:
+            raise ValueError(f"2D sin-cos positions need hidden size divisible by 4, got {dim}")
+        self.dim, self.table = dim, table
+        # positions in float32 first, then sin-cos in float64, as diffusers builds its table (equal to the last bit)
+        pos = torch.arange(table, dtype=torch.float32) / (table / grid)
+        # one axis serves rows and columns (the table is square): (table, dim / 2), not the (table^2, dim) table
+        self.register_buffer("axis", sincos_1d(dim // 2, pos).float(), persistent=False)
+
+    def check(self, h: int, w: int, patch: int) -> None:
+        """ValueError when an (h, w) patch grid does not fit the table."""
+        if h > self.table or w > self.table:
+            most = self.table * patch
+            raise ValueError(f"input of {h * patch}x{w * patch} ({h}x{w} patches) exceeds the position table of "
+                             f"{self.table}x{self.table} patches (model.pos_embed_max_size = {self.table}): inputs "
+                             f"may be at most {most}x{most}; train with a larger model.pos_embed_max_size to go beyond")
+
+    def forward(self, h: int, w: int) -> torch.Tensor:
+        """Positions of an (h, w) patch grid in raster order: (1, h * w, dim)."""
+        top, left = (self.table - h) // 2, (self.table - w) // 2
+        rows, cols = self.axis[top:top + h], self.axis[left:left + w]
+        half = self.dim // 2
+        table = torch.cat([cols[None].expand(h, w, half), rows[:, None].expand(h, w, half)], dim=-1)
+        return table.reshape(1, h * w, self.dim)
+
+
 def timestep_frequencies(dim: int = 256, max_period: float = 10000.0, freq_shift: float = 0.0) -> torch.Tensor:
     """exp(-ln(max_period) * k / (dim/2 - freq_shift)); DiT uses shift 0, diffusers shift 1."""
     half = dim // 2

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from patchflow.config import ConfigError, RunConfig, load_config
-from patchflow.data import ResumableBatchSampler, build_dataset
+from patchflow.data import ResumableBatchSampler, WithCaptions, build_dataset
 from patchflow.conditioning import build_conditioning
 from patchflow.flops import measure_matmul_peak, mfu, run_forward_macs
 from patchflow.flow.objective import objective_for_run
@@ -146,13 +146,17 @@ class Trainer:
         distributed.barrier(self.dist)  # every process has checked the run directory before the main one writes
         if self.main:
             _prepare_out_dir(self.out)
+        if cfg.is_text_run:  # a missing or mismatched text encoder fails here, before a codec is trained
+            from patchflow.conditioning import load_run_text_encoder
+
+            self.text_encoder = load_run_text_encoder(cfg, self.device)
         self.codec, self.encode = None, False
         if cfg.codec.source != "identity":  # before seeding: a codec preset may be trained first
             self._prepare_codec(resume)
         inflate = inflation(cfg, progress=self.progress)  # before seeding too: its image codec may be trained first
         _seed_everything(t.seed)  # the same initial weights on every process
         if self.codec is None:
-            self.dataset = build_dataset(cfg.data, "train")
+            self.dataset = build_dataset(cfg.data, "train", text=cfg.is_text_run)
         self.net = build_model(cfg)
         if inflate is not None:  # a video codec starting from an image codec (also on resume: step 0 must match)
             inflate(self.net)
@@ -177,7 +181,7 @@ class Trainer:
                                       param_dtype=torch.bfloat16 if t.precision == "bf16" else None)
         self.ema = EMA(self.net, t.ema_decay, t.ema_warmup)
         self.objective = objective_for_run(cfg)
-        self.conditioning = build_conditioning(cfg)
+        self.conditioning = build_conditioning(cfg, self.device, text_encoder=self._text_cache())
         self.opt = adamw(self.model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda(t.warmup_steps))
         self.generator = torch.Generator(self.device).manual_seed(t.seed)
@@ -206,8 +210,32 @@ class Trainer:
             self.codec = codec_for_run(cfg, self.out, resume, main=False, progress=False)
             dataset = cached_dataset(cfg, self.codec, progress=False, build=False)
         self.codec.to(self.device)
-        self.dataset = dataset if dataset is not None else build_dataset(cfg.data, "train")
+        text = cfg.is_text_run
+        if dataset is not None and text:  # latents from the cache, captions from the data set (no images read)
+            dataset = WithCaptions(dataset, build_dataset(cfg.data, "train", text=True))
+        self.dataset = dataset if dataset is not None else build_dataset(cfg.data, "train", text=text)
         self.encode = dataset is None
+
+    def _text_cache(self):
+        """A text run's frozen encoder, behind its embedding cache unless text.cache = "off": the main process
+        encodes every training caption once before the first step, the others wait and read the cache."""
+        cfg = self.cfg
+        if not cfg.is_text_run:
+            return None
+        from patchflow.data import captions_of
+        from patchflow.paths import cache_root
+        from patchflow.text import TextEmbeddingCache
+
+        encoder = self.text_encoder
+        setting = cfg.text.cache.strip()
+        if setting == "off":
+            return encoder
+        directory = cache_root() / "text" if setting == "auto" else Path(setting).expanduser()
+        if self.main:
+            cache = TextEmbeddingCache(directory, encoder)
+            cache.precompute(captions_of(self.dataset), progress=self.progress)
+        distributed.barrier(self.dist)
+        return cache if self.main else TextEmbeddingCache(directory, encoder)
 
     # ---- state -------------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -320,7 +348,8 @@ class Trainer:
         if not hasattr(self, "_sampler_model"):  # a plain copy of the model for the EMA weights
             self._sampler_model = build_model(self.cfg).to(self.device).eval().requires_grad_(False)
         self._sampler_model.load_state_dict(ema_sd)
-        images, nrow = preview(self._sampler_model, self.cfg, self.codec, device=self.device)
+        images, nrow = preview(self._sampler_model, self.cfg, self.codec, device=self.device,
+                               conditioning=self.conditioning)
         path = self.out / "samples" / f"step_{self.step:07d}.png"
         path.parent.mkdir(exist_ok=True)
         save_grid(images, path, nrow=nrow)
@@ -335,8 +364,8 @@ class Trainer:
         self.model.train()
         total = 0.0
         for i in range(t.grad_accum):
-            x0, y = next(batches)
-            x0, y = x0.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x0, y = next(batches)  # y: labels or captions; the conditioning step moves them
+            x0 = x0.to(self.device, non_blocking=True)
             if self.encode:  # pixels -> latents (a latent cache makes this a no-op)
                 x0 = self.codec.encode(x0)
             cond = self.conditioning.train(y, self.generator, self.dist.shard)
