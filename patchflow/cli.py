@@ -352,20 +352,27 @@ def cmd_plan(args) -> None:
     print(format_plan(cfg, make_plan(cfg), memory, args.batch, args.checkpoint_every))
 
 
-def cmd_demo(args) -> None:
-    if args.world == "color-digits":
-        return _demo_color_digits(args)
+def _demo_train(args, preset: str, default_out: str):
+    """Train a demo preset into --out; returns (config, run directory, its Pipeline, start time)."""
     from patchflow.config import load_config
-    from patchflow.evaluate.digits import evaluate_samples
-    from patchflow.pipeline import Pipeline, save_grid
+    from patchflow.pipeline import Pipeline
     from patchflow.train.trainer import train
 
-    out = Path(args.out or "runs/demo")
-    cfg = load_config("digits", args.set)
+    out = Path(args.out or default_out)
+    cfg = load_config(preset, args.set)
     t0 = time.perf_counter()
     train(cfg, out, resume=args.resume, progress=not args.quiet)
     print(f"trained in {time.perf_counter() - t0:.0f}s")
-    pipe = Pipeline.load(out, device="cpu")
+    return cfg, out, Pipeline.load(out, device="cpu"), t0
+
+
+def cmd_demo(args) -> None:
+    if args.world == "color-digits":
+        return _demo_color_digits(args)
+    from patchflow.evaluate.digits import evaluate_samples
+    from patchflow.pipeline import save_grid
+
+    cfg, out, pipe, t0 = _demo_train(args, "digits", "runs/demo")
     per_class = 10
     grid_labels = np.tile(np.arange(cfg.model.num_classes), per_class)
     save_grid(pipe(grid_labels.tolist(), seed=0), out / "demo_grid.png", nrow=cfg.model.num_classes)
@@ -399,17 +406,10 @@ def demo_prompts() -> list[str]:
 def _demo_color_digits(args) -> None:
     """Train the color-digits text-to-image preset (its codec first when none is cached), write a sample grid, and
     score prompt following on held-out prompts beside the real images."""
-    from patchflow.config import load_config
     from patchflow.evaluate.text_run import evaluate_pipeline
-    from patchflow.pipeline import Pipeline, save_grid
-    from patchflow.train.trainer import train
+    from patchflow.pipeline import save_grid
 
-    out = Path(args.out or "runs/demo-color-digits")
-    cfg = load_config("color-digits", args.set)
-    t0 = time.perf_counter()
-    train(cfg, out, resume=args.resume, progress=not args.quiet)
-    print(f"trained in {time.perf_counter() - t0:.0f}s")
-    pipe = Pipeline.load(out, device="cpu")
+    cfg, out, pipe, t0 = _demo_train(args, "color-digits", "runs/demo-color-digits")
     save_grid(pipe(prompt=demo_prompts(), seed=0), out / "demo_grid.png", nrow=10)
     result = evaluate_pipeline(pipe, seed=1, progress=not args.quiet)
     (out / "eval.json").write_text(json.dumps(result, indent=2))

@@ -8,7 +8,8 @@ TEXT_TOKENS = 16  # prompt length of example inputs (a built-in world's caption 
 
 
 def build_model(cfg) -> nn.Module:
-    """The trainable module of a run (RunConfig): a DiT, an MMDiT or CrossDiT (text), or for a codec run the autoencoder and its losses."""
+    """The trainable module of a run (RunConfig): a DiT, an MMDiT or CrossDiT (text), or for a codec run the
+    autoencoder and its losses."""
     if cfg.model.arch == "autoencoder":
         from patchflow.codecs.autoencoder import AutoencoderModel
 

@@ -7,6 +7,21 @@ import torch.nn as nn
 from patchflow.models.attention import Attention
 
 
+def xavier_linears(model: nn.Module) -> None:
+    """Every Linear of `model` xavier-uniform with zero bias: DiT's base initialisation."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def zero_linears(layers) -> None:
+    """Zero these Linears (adaLN modulations, output layers), so a fresh block or model starts as the identity."""
+    for layer in layers:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x: (B, N, D); shift, scale: (B, D)."""
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))

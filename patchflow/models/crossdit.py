@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from patchflow.models.attention import Attention, HeadRMSNorm
-from patchflow.models.blocks import Mlp, modulate
+from patchflow.models.blocks import Mlp, modulate, xavier_linears, zero_linears
 from patchflow.models.embed import CroppedPositions, PatchEmbed, TimestepEmbedder, unpatchify
 from patchflow.models.text_config import MMDiTConfig
 from patchflow.models.text_inputs import bool_mask, check_config, check_text_inputs, image_input
@@ -148,19 +148,13 @@ class CrossDiT(nn.Module):
         zero (PixArt); the final Linear is zero (PixArt), so a fresh model outputs exactly 0. Gradients reach the
         final Linear first, then the gates and cross-attention projections, then everything (tested)."""
         d = self.config.hidden_size
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        xavier_linears(self)
         for mlp in (self.t_embedder.mlp, self.pooled_embedder):
             nn.init.normal_(mlp[0].weight, std=0.02)
             nn.init.normal_(mlp[2].weight, std=0.02)
         nn.init.normal_(self.caption_projection.fc1.weight, std=0.02)
         nn.init.normal_(self.caption_projection.fc2.weight, std=0.02)
-        zero = [self.t_block[-1], self.final_layer.linear] + [block.cross_attn.proj for block in self.blocks]
-        for layer in zero:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        zero_linears([self.t_block[-1], self.final_layer.linear] + [block.cross_attn.proj for block in self.blocks])
         with torch.no_grad():
             for block in self.blocks:
                 nn.init.normal_(block.scale_shift_table, std=d ** -0.5)

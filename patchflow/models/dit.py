@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from patchflow.models.blocks import AdaLNBlock, FinalLayer
+from patchflow.models.blocks import AdaLNBlock, FinalLayer, xavier_linears, zero_linears
 from patchflow.models.embed import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_3d, unpatchify
 
 # name -> (depth, hidden_size, num_heads). S/B/L/XL are the paper's; Mini and Micro are CPU sizes.
@@ -116,19 +116,12 @@ class DiT(nn.Module):
 
     def initialize_weights(self) -> None:
         """DiT's init: xavier linears, N(0, 0.02) embeddings, zeroed adaLN and output (identity blocks)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        xavier_linears(self)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        zero_linears([block.adaLN_modulation[-1] for block in self.blocks]
+                     + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear])
 
     def compile_blocks(self, **kwargs) -> None:
         """torch.compile each block. Batch and token dims are marked dynamic in forward, so one compile

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from patchflow.models.blocks import FinalLayer
+from patchflow.models.blocks import FinalLayer, xavier_linears, zero_linears
 from patchflow.models.embed import CroppedPositions, PatchEmbed, TimestepEmbedder, unpatchify
 from patchflow.models.joint import JointBlock
 from patchflow.models.text_config import MMDiTConfig
@@ -48,19 +48,11 @@ class MMDiT(nn.Module):
 
     def initialize_weights(self) -> None:
         """DiT's init: xavier linears, N(0, 0.02) timestep MLP, zeroed adaLN and output (identity blocks)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        xavier_linears(self)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            for modulation in (block.adaLN_modulation[-1], block.text_adaLN_modulation[-1]):
-                nn.init.zeros_(modulation.weight)
-                nn.init.zeros_(modulation.bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        zero_linears([m for block in self.blocks for m in (block.adaLN_modulation[-1], block.text_adaLN_modulation[-1])]
+                     + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear])
 
     def compile_blocks(self, **kwargs) -> None:
         """torch.compile each block. Batch, image-token and text-token dims are marked dynamic in forward, so one
