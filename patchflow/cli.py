@@ -126,12 +126,22 @@ def _sampling_targets(args, cfg) -> np.ndarray | list[str]:
     return _labels_from_args(args, cfg.model.num_classes)
 
 
+def _parse_size(text: str | None) -> tuple[int, int] | None:
+    """--size HxW (pixels) -> (H, W); None keeps the run's training size."""
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and 1 <= int(p) <= 8192 for p in parts):
+        raise ValueError(f"--size must be HEIGHTxWIDTH in pixels, each 1..8192 (e.g. 32x48), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def _sample_run(args, targets) -> np.ndarray:
     from patchflow.pipeline import Pipeline
 
     pipe = Pipeline.load(args.run_dir, ema=not args.no_ema, device=args.device)
     common = dict(steps=args.steps, guidance=args.guidance, seed=args.seed, sampler=args.sampler,
-                  progress=not args.quiet)
+                  progress=not args.quiet, size=_parse_size(getattr(args, "size", None)))
     if pipe.cfg.is_text_run:
         return pipe(prompt=list(targets), negative_prompt=getattr(args, "negative_prompt", None), **common)
     return pipe(np.asarray(targets).tolist(), **common)
@@ -149,6 +159,7 @@ def cmd_sample(args) -> None:
         raise ValueError(f"{args.run_dir} is a codec run: it encodes and decodes, it does not sample; score it with "
                          f"`patchflow eval {args.run_dir}` or use patchflow.codecs.load({str(args.run_dir)!r})")
     _check_sampler(args, cfg)
+    _parse_size(args.size)  # a malformed --size fails before the model is loaded
     targets = _sampling_targets(args, cfg)
     t0 = time.perf_counter()
     images = _sample_run(args, targets)
@@ -450,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="text to sample (text-to-image runs)")
     p.add_argument("--prompts-file", help="one prompt a line, one sample each (blank lines and # lines skipped)")
     p.add_argument("--negative-prompt", help="what to steer away from (replaces the empty prompt of guidance)")
+    p.add_argument("--size", metavar="HxW", help="image size in pixels, e.g. 32x48 (default: the training size; "
+                                                 "text models sample other sizes and aspect ratios)")
     p.add_argument("--out", required=True, help=".png grid or .npz (images uint8 (N,H,W,C), and labels (N,) or "
                                                 "prompts (N,))")
     _add_sampling_flags(p)

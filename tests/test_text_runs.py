@@ -121,7 +121,18 @@ def test_cli_sample_prompt_png_and_prompts_file_npz(text_run, tmp_path, capsys):
     assert np.array_equal(single[0], first)  # the npz holds what the prompt samples alone with that seed
 
 
+def test_cli_sample_at_another_size_and_aspect_ratio(text_run, tmp_path, capsys):
+    code, said = cli(["sample", str(text_run), "--prompt", "a red square on the left", "--n", "2", "--size",
+                      "16x24", "--out", str(tmp_path / "w.npz"), "--quiet"], capsys)
+    assert code == 0, said
+    with np.load(tmp_path / "w.npz") as f:
+        assert f["images"].shape == (2, 16, 24, 3)
+
+
 @pytest.mark.parametrize("flags,message", [
+    (["--prompt", "a red square", "--size", "16by24"], "--size must be HEIGHTxWIDTH"),
+    (["--prompt", "a red square", "--size", "16x1000"], "exceeds the position table"),
+    (["--prompt", "a red square", "--size", "16x18"], "size 16x18 must be positive multiples of the patch size 4"),
     (["--prompt", ""], "--prompt is empty"),
     (["--prompt", "   "], "--prompt is empty"),
     (["--label", "3"], "--label is for class-conditional runs"),
