@@ -8,35 +8,16 @@ import torch
 from patchflow.config import DataConfig, RunConfig
 from patchflow.models import build_model
 from patchflow.models.crossdit import CrossDiT
-from patchflow.models.embed import CroppedPositions
-from patchflow.models.embed import sincos_1d
+from patchflow.models.embed import CroppedPositions, sincos_1d
 from patchflow.models.text_config import MMDiTConfig
 
-C, TEXT_DIM, POOLED_DIM = 4, 12, 10
+from text_model_inputs import C, POOLED_DIM, TEXT_DIM, inputs, randomize
 
 
 def tiny(**kw) -> MMDiTConfig:
     base = dict(arch="crossdit", input_size=8, in_channels=C, patch_size=2, hidden_size=16, depth=3, num_heads=2,
                 text_dim=TEXT_DIM, pooled_dim=POOLED_DIM, qk_norm=True, pos_embed_max_size=8)
     return MMDiTConfig(**{**base, **kw})
-
-
-def randomize(model, seed=0, std=0.2):
-    """Every parameter random, the zero-initialised ones too, so a wrong path shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
-
-
-def inputs(batch=3, height=8, width=8, length=5, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, C, height, width, generator=g)
-    t = torch.rand(batch, generator=g) * 1000
-    text = torch.randn(batch, length, TEXT_DIM, generator=g)
-    pooled = torch.randn(batch, POOLED_DIM, generator=g)
-    return x, t, text, pooled
 
 
 def test_fresh_model_outputs_zero_and_blocks_are_identities():

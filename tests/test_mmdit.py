@@ -14,7 +14,7 @@ from patchflow.models.embed import CroppedPositions
 from patchflow.models.mmdit import MMDiT
 from patchflow.models.text_config import MMDiTConfig
 
-C, TEXT_DIM, POOLED_DIM = 4, 12, 10
+from text_model_inputs import C, POOLED_DIM, TEXT_DIM, inputs, randomize
 
 
 def tiny(**kw) -> MMDiTConfig:
@@ -22,24 +22,6 @@ def tiny(**kw) -> MMDiTConfig:
                 text_dim=TEXT_DIM, pooled_dim=POOLED_DIM, qk_norm=True, dual_attention_layers=[0],
                 pos_embed_max_size=8)
     return MMDiTConfig(**{**base, **kw})
-
-
-def randomize(model, seed=0, std=0.2):
-    """Every parameter random, the zero-initialised adaLN and output layers too, so a wrong path shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
-
-
-def inputs(batch=3, height=8, width=8, length=5, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, C, height, width, generator=g)
-    t = torch.rand(batch, generator=g) * 1000
-    text = torch.randn(batch, length, TEXT_DIM, generator=g)
-    pooled = torch.randn(batch, POOLED_DIM, generator=g)
-    return x, t, text, pooled
 
 
 def test_fresh_model_outputs_zero_and_blocks_are_identities():
