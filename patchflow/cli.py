@@ -142,9 +142,51 @@ def _sample_run(args, targets) -> np.ndarray:
     pipe = Pipeline.load(args.run_dir, ema=not args.no_ema, device=args.device)
     common = dict(steps=args.steps, guidance=args.guidance, seed=args.seed, sampler=args.sampler,
                   progress=not args.quiet, size=_parse_size(getattr(args, "size", None)))
+    if pipe.is_video:
+        video = dict(frames=args.frames, first_frame=args.first_frame, extend=args.extend,
+                     video=args.video_to_video, strength=args.strength)
+        return pipe(prompt=list(targets), negative_prompt=args.negative_prompt, **common,
+                    **{k: v for k, v in video.items() if v is not None})
     if pipe.cfg.is_text_run:
         return pipe(prompt=list(targets), negative_prompt=getattr(args, "negative_prompt", None), **common)
     return pipe(np.asarray(targets).tolist(), **common)
+
+
+VIDEO_FLAGS = (("--frames", "frames"), ("--first-frame", "first_frame"), ("--extend", "extend"),
+               ("--video-to-video", "video_to_video"))
+
+
+def _check_video_flags(args, cfg, out: Path) -> None:
+    """The video flags against the run and --out, before the model is loaded."""
+    video = cfg.model.arch == "video"
+    used = [flag for flag, key in VIDEO_FLAGS if getattr(args, key, None) is not None]
+    if args.strength is not None:
+        used.append("--strength")
+    if used and not video:
+        raise ValueError(f"{used[0]} is for video runs (model.arch = \"video\"); {args.run_dir} makes images")
+    suffixes = (".gif", ".mp4", ".npz", ".png") if video else (".png", ".npz")
+    if out.suffix.lower() not in suffixes:
+        kinds = ".gif or .mp4 (a clip, or a grid of clips), .npz (videos (N,T,H,W,3) and prompts) or .png (one row " \
+                "of frames per clip)" if video else ".png (a grid) or .npz (arrays)"
+        raise ValueError(f"--out must end in {kinds}, got {out.name!r}")
+    if not video:
+        return
+    sources = [flag for flag in ("--first-frame", "--extend", "--video-to-video")
+               if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if len(sources) > 1:
+        raise ValueError(f"give one of --first-frame, --extend and --video-to-video, not {' and '.join(sources)}")
+    if args.strength is not None and args.video_to_video is None:
+        raise ValueError("--strength goes with --video-to-video CLIP (how much of the clip is redrawn)")
+    if args.strength is not None and not 0 < args.strength <= 1:
+        raise ValueError(f"--strength must be in (0, 1] (1 redraws everything), got {args.strength}")
+    if args.frames is not None and not 1 <= args.frames <= 1024:
+        raise ValueError(f"--frames must be in 1..1024, got {args.frames}")
+    if args.frames is not None and args.video_to_video is not None:
+        raise ValueError("--frames does not go with --video-to-video: the clip's own length is kept")
+    for flag in sources:
+        path = Path(getattr(args, flag[2:].replace("-", "_")))
+        if not path.is_file():
+            raise FileNotFoundError(f"{flag} {str(path)!r} does not exist")
 
 
 def cmd_sample(args) -> None:
@@ -152,19 +194,20 @@ def cmd_sample(args) -> None:
 
     _check_sampling_args(args)
     out = Path(args.out)
-    if out.suffix not in (".png", ".npz"):
-        raise ValueError(f"--out must end in .png (a grid) or .npz (arrays), got {out.name!r}")
     cfg = load_run_config(args.run_dir)
     if cfg.is_codec_run:
         raise ValueError(f"{args.run_dir} is a codec run: it encodes and decodes, it does not sample; score it with "
                          f"`patchflow eval {args.run_dir}` or use patchflow.codecs.load({str(args.run_dir)!r})")
+    _check_video_flags(args, cfg, out)
     _check_sampler(args, cfg)
     _parse_size(args.size)  # a malformed --size fails before the model is loaded
     targets = _sampling_targets(args, cfg)
     t0 = time.perf_counter()
     images = _sample_run(args, targets)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".npz" and cfg.is_text_run:
+    if images.ndim == 5:  # clips (N, T, H, W, 3)
+        _write_clips(out, images, targets)
+    elif out.suffix == ".npz" and cfg.is_text_run:
         np.savez_compressed(out, images=images, prompts=np.array(targets, dtype=str))
     elif out.suffix == ".npz":
         np.savez_compressed(out, images=images, labels=targets.astype(np.int64))
@@ -174,7 +217,24 @@ def cmd_sample(args) -> None:
             images = images.reshape(cfg.model.num_classes, args.labels_all, *images.shape[1:]).swapaxes(0, 1)
             images = images.reshape(-1, *images.shape[2:])
         save_grid(images, out, nrow=nrow)
-    print(f"wrote {len(targets)} samples to {out} in {time.perf_counter() - t0:.1f}s")
+    print(f"wrote {len(targets)} {'clips' if images.ndim == 5 else 'samples'} to {out} in "
+          f"{time.perf_counter() - t0:.1f}s")
+
+
+def _write_clips(out: Path, clips: np.ndarray, prompts) -> None:
+    """.npz: videos + prompts; .gif/.mp4: the clip, or a grid of clips (4 across); .png: a row of frames per clip."""
+    from patchflow.clip_files import write_clip, write_clips_npz
+    from patchflow.pipeline import save_grid
+
+    suffix = out.suffix.lower()
+    if suffix == ".npz":
+        write_clips_npz(out, clips, prompts=list(prompts))
+    elif suffix == ".png":
+        save_grid(clips.reshape(-1, *clips.shape[2:]), out, nrow=clips.shape[1])
+    elif len(clips) == 1:
+        write_clip(out, clips[0])
+    else:
+        save_grid(clips, out, nrow=min(len(clips), 4))
 
 
 def cmd_eval(args) -> None:
@@ -193,6 +253,8 @@ def cmd_eval(args) -> None:
         if not isinstance(f, np.lib.npyio.NpzFile):
             raise ValueError(f"{src}: not a readable .npz file (it holds one array; images and labels are needed)")
         with f:
+            if "videos" in f.files:  # clips of a video run: prompt following per clip
+                return _eval_clips_npz(args, src)
             if "prompts" in f.files:  # samples of a text run: prompt following
                 return _eval_prompts_npz(args, src)
             missing = {"images", "labels"} - set(f.files)
@@ -206,6 +268,8 @@ def cmd_eval(args) -> None:
         cfg = load_run_config(src)
         if cfg.is_codec_run:
             return _eval_codec(args, src, cfg)
+        if cfg.model.arch == "video":
+            return _eval_video(args, src, cfg)
         if cfg.is_text_run:
             return _eval_text(args, src, cfg)
         if cfg.data.dataset != "digits":
@@ -232,6 +296,64 @@ def _eval_prompts_npz(args, src: Path) -> None:
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report.as_dict(), indent=2))
+
+
+def _eval_clips_npz(args, src: Path) -> None:
+    """An .npz of a video run's clips (videos, prompts): digit, colours and motion per clip (evaluate.clips)."""
+    from patchflow.evaluate.clips import format_report, score_npz
+
+    report = score_npz(src)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.as_dict(), indent=2))
+
+
+def _eval_video(args, src: Path, cfg) -> None:
+    """A moving-digits video run: text-to-video on held-out prompts beside the real held-out clips, and
+    image-to-video from real held-out first frames; with --curve the learning curve over kept checkpoints."""
+    from patchflow.evaluate import video_run
+    from patchflow.evaluate.clips import RATES
+    from patchflow.evaluate.text_run import format_curve
+    from patchflow.pipeline import Pipeline
+
+    if cfg.data.dataset != "moving-digits":
+        raise ValueError(f"patchflow eval scores video runs of the built-in moving-digits world; {src} trains on "
+                         f"{cfg.data.dataset} (sample it with --prompts-file --out clips.npz and score that)")
+    _check_sampler(args, cfg)
+    n = args.prompts
+    if not 1 <= n <= 500:
+        raise ValueError(f"--prompts must be in 1..500 (the held-out clips), got {n}")
+    frames = args.frames or video_run.FRAMES
+    if args.curve:
+        curve = video_run.learning_curve(src, n=n, seed=args.seed, frames=frames, steps=args.steps,
+                                         guidance=args.guidance)
+        if not curve:
+            raise ValueError(f"{src}/checkpoints holds no checkpoint to score")
+        print(format_curve(curve, RATES))
+        if args.json:
+            Path(args.json).write_text(json.dumps(curve, indent=2))
+        return
+    pipe = Pipeline.load(src, ema=not args.no_ema, device=args.device)
+    result = _score_video(pipe, n, frames, args.seed, args.steps, args.guidance, not args.quiet)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def _score_video(pipe, n: int, frames: int, seed: int, steps, guidance, progress: bool) -> dict:
+    """Text-to-video on n held-out prompts and image-to-video on n // 2 held-out first frames, printed; the
+    figures as a dict (clips left out)."""
+    from patchflow.evaluate import video_run
+
+    t2v = video_run.text_to_video(pipe, n, seed=seed, frames=frames, steps=steps, guidance=guidance,
+                                  progress=progress)
+    print(f"\ntext-to-video, {n} held-out prompts, {frames} frames; model vs real held-out clips:\n{t2v['table']}")
+    i2v = video_run.image_to_video(pipe, max(1, n // 2), seed=seed + 1, frames=frames, steps=steps,
+                                   guidance=guidance, progress=progress)
+    print(f"\nimage-to-video from {max(1, n // 2)} real held-out first frames: frame 0 mean absolute error "
+          f"{i2v['first_frame_mae']:.2f}/255\n{i2v['table']}")
+    drop = ("clips", "prompts")
+    return {"text_to_video": {k: v for k, v in t2v.items() if k not in drop},
+            "image_to_video": {k: v for k, v in i2v.items() if k not in drop}, "frames": frames}
 
 
 def _eval_text(args, src: Path, cfg) -> None:
@@ -380,6 +502,8 @@ def _demo_train(args, preset: str, default_out: str):
 def cmd_demo(args) -> None:
     if args.world == "color-digits":
         return _demo_color_digits(args)
+    if args.world == "moving-digits":
+        return _demo_moving_digits(args)
     from patchflow.evaluate.digits import evaluate_samples
     from patchflow.pipeline import save_grid
 
@@ -431,6 +555,47 @@ def _demo_color_digits(args) -> None:
     print(f"\ndone in {time.perf_counter() - t0:.0f}s")
 
 
+def demo_video_prompts() -> list[str]:
+    """The moving-digits demo grid: one clip per digit, directions and colours varied."""
+    from patchflow.data.worlds import article
+
+    looks = [("red", "black"), ("white", "blue"), ("yellow", "magenta"), ("cyan", "red"), ("orange", "gray"),
+             ("green", "white"), ("blue", "yellow"), ("black", "cyan"), ("magenta", "green"), ("gray", "white")]
+    moves = ("left", "right", "up", "down")
+    return [f"{article(c)} {c} {d} moving {moves[d % 4]} on {article(b)} {b} background"
+            for d, (c, b) in enumerate(looks)] + \
+        [f"{article(c)} {c} {d} moving {moves[(d + 1) % 4]} on {article(b)} {b} background"
+         for d, (c, b) in zip(range(9, 3, -1), looks[4:] + looks[:2])]
+
+
+def _demo_moving_digits(args) -> None:
+    """Train the moving-digits model on images (first frames) then on clips from it, as video models start from an
+    image model (the codec first when none is cached); write a grid of clips; score text-to-video and
+    image-to-video on held-out prompts and first frames beside the real clips. --set applies to the video stage."""
+    from patchflow.config import load_config
+    from patchflow.pipeline import Pipeline, save_grid
+    from patchflow.train.trainer import train
+
+    out = Path(args.out or "runs/demo-moving-digits")
+    image_run = out / "image"
+    t0 = time.perf_counter()
+    train(load_config("moving-digits-image"), image_run, resume=args.resume and image_run.is_dir(),
+          progress=not args.quiet)
+    print(f"image stage trained in {time.perf_counter() - t0:.0f}s ({image_run})")
+    cfg = load_config("moving-digits", [f"train.init_from={json.dumps(str(image_run))}", *args.set])
+    train(cfg, out, resume=args.resume and (out / "config.toml").is_file(), progress=not args.quiet)
+    print(f"trained in {time.perf_counter() - t0:.0f}s")
+    pipe = Pipeline.load(out, device="cpu")
+    frames = 8
+    clips = pipe(prompt=demo_video_prompts(), frames=frames, seed=0)
+    save_grid(clips, out / "demo_clips.gif", nrow=4)
+    print(f"{cfg.sample.steps} {cfg.sample.sampler} steps, guidance {cfg.sample.guidance}")
+    result = _score_video(pipe, 300, frames, seed=1, steps=None, guidance=None, progress=not args.quiet)
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    print(f"\nclips of demo_video_prompts(): {out / 'demo_clips.gif'}")
+    print(f"done in {time.perf_counter() - t0:.0f}s")
+
+
 def _add_sampling_flags(p) -> None:
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = none)")
@@ -453,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("sample", help="sample images from a run")
+    p = sub.add_parser("sample", help="sample images or clips from a run")
     p.add_argument("run_dir")
     p.add_argument("--label", type=int, help="class to sample (class-conditional runs)")
     p.add_argument("--n", type=int, default=16, help="samples of --label or --prompt")
@@ -464,7 +629,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", metavar="HxW", help="image size in pixels, e.g. 32x48 (default: the training size; "
                                                  "text models sample other sizes and aspect ratios)")
     p.add_argument("--out", required=True, help=".png grid or .npz (images uint8 (N,H,W,C), and labels (N,) or "
-                                                "prompts (N,))")
+                                                "prompts (N,)); video runs: .gif or .mp4 (a clip, or a grid of clips), "
+                                                ".npz (videos uint8 (N,T,H,W,3) and prompts (N,)) or .png (frames)")
+    p.add_argument("--frames", type=int, help="video runs: frames per clip (default: the training length)")
+    p.add_argument("--first-frame", metavar="IMAGE", help="video runs: animate this still (image-to-video)")
+    p.add_argument("--extend", metavar="CLIP", help="video runs: continue this clip (.gif, .mp4 or .npz)")
+    p.add_argument("--video-to-video", metavar="CLIP", help="video runs: redraw this clip after the prompt (SDEdit)")
+    p.add_argument("--strength", type=float, help="with --video-to-video: how much is redrawn, in (0, 1] "
+                                                  "(default 0.7)")
     _add_sampling_flags(p)
     p.set_defaults(fn=cmd_sample)
 
@@ -475,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per class when sampling a run (a codec run: 5x this many held-out items)")
     p.add_argument("--prompts", type=int, default=500,
                    help="text runs: held-out canonical prompts to sample (paraphrases and numbers scale with it)")
+    p.add_argument("--frames", type=int, help="video runs: frames per scored clip (default 8)")
     p.add_argument("--curve", action="store_true",
                    help="text runs: score every kept checkpoint (the learning curve) on --prompts prompts")
     p.add_argument("--json", help="also write the figures to this JSON file")
@@ -509,9 +682,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("demo", help="train a preset on this machine, write a sample grid and score it")
-    p.add_argument("world", nargs="?", default="digits", choices=["digits", "color-digits"],
-                   help="digits (class-conditional, a few minutes) or color-digits (text-to-image)")
-    p.add_argument("--out", help="run directory (default runs/demo, runs/demo-color-digits)")
+    p.add_argument("world", nargs="?", default="digits", choices=["digits", "color-digits", "moving-digits"],
+                   help="digits (class-conditional, a few minutes), color-digits (text-to-image) or moving-digits "
+                        "(text-to-video)")
+    p.add_argument("--out", help="run directory (default runs/demo, runs/demo-color-digits, "
+                                 "runs/demo-moving-digits)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -537,7 +712,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         args.fn(args)
-    except (ValueError, OSError, KeyError, TrainingError) as e:  # OSError: also a path too long, a folder, no access
+    except (ValueError, OSError, KeyError, ImportError, TrainingError) as e:  # OSError: also a path too long, a
+        # folder, no access; ImportError: an optional package (a video writer) that is not installed
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"patchflow {args.command}: error: {msg}", file=sys.stderr)
         return 2

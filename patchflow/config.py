@@ -23,7 +23,7 @@ from patchflow.flow.ddpm import PREDICTIONS, SCHEDULES
 from patchflow.flow.rectified import TIMESTEP_SAMPLING
 from patchflow.flow.samplers import SAMPLERS
 from patchflow.models.dit import DiTConfig
-from patchflow.models.text_config import TEXT_ARCHS, MMDiTConfig
+from patchflow.models.text_config import TEXT_ARCHS, MMDiTConfig, VideoDiTConfig
 
 PRESET_DIR = Path(__file__).parent / "configs"
 MAX_SAMPLES = 1_000_000  # most samples one command or sample.n may ask for
@@ -45,6 +45,8 @@ class FlowConfig:
     num_timesteps: int = 1000             # DDPM schedule length
     prediction: str = "eps"               # ddpm: what the model predicts: "eps" (DiT), "v" (Salimans & Ho), "x0"
     schedule: str = "linear"              # ddpm: "linear" (DiT) or "cosine" (Nichol & Dhariwal)
+    context_prob: float = 0.0             # video: share of training clips given their leading frames clean
+                                          # (image-to-video, extension); needs a per-frame-timestep model ("video")
 
     def validate(self) -> None:
         _choice("flow.objective", self.objective, ("rectified", "ddpm"))
@@ -56,6 +58,10 @@ class FlowConfig:
         _choice("flow.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
         _positive("flow.logit_std", self.logit_std)
         _positive("flow.shift", self.shift)
+        if not 0 <= self.context_prob <= 1:
+            raise ConfigError(f"flow.context_prob must be in [0, 1], got {self.context_prob}")
+        if self.context_prob and self.objective != "rectified":
+            raise ConfigError("flow.context_prob (given leading frames) is a rectified-flow setting")
         _positive("flow.num_timesteps", self.num_timesteps)
         if self.objective == "ddpm" and not 21 <= self.num_timesteps <= 100_000:  # linear betas reach 20 / T
             raise ConfigError(f"flow.num_timesteps must be in 21..100000 for flow.objective = 'ddpm' (the linear "
@@ -76,6 +82,9 @@ class DataConfig:
     short_clips: str = "skip"             # video clips with < frames frames: "skip", "error" or "loop"
     paraphrases: bool = True              # text runs on the built-in worlds: mix paraphrased captions in (about
                                           # half) with the canonical ones, so the model learns words, not a template
+    buckets: list[list] = field(default_factory=list)  # video: variable size, [[frames, height, width, batch_size
+                                          # (, weight)], ...]; clips are cut to a bucket's frames (see docs/video.md)
+    mix_images: int = 0                   # moving-digits: add this many color-digits images as one-frame clips
 
     def validate(self) -> None:
         """Checks values only; whether `path` exists is checked when the data set is built (a run's saved
@@ -93,6 +102,19 @@ class DataConfig:
         _positive("data.frames", self.frames)
         _choice("data.alpha_background", self.alpha_background, ("white", "black"))
         _choice("data.short_clips", self.short_clips, ("skip", "error", "loop"))
+        if self.buckets:
+            from patchflow.data.buckets import parse_buckets
+
+            try:
+                parse_buckets(self.buckets)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        if self.mix_images and self.dataset != "moving-digits":
+            raise ConfigError("data.mix_images adds color-digits images to the moving-digits world; "
+                              f"data.dataset = {_show(self.dataset)}: leave it out")
+        if not 0 <= self.mix_images <= 20_000:
+            raise ConfigError(f"data.mix_images must be in 0..20000 (the color-digits training images), "
+                              f"got {self.mix_images}")
 
 
 @dataclass
@@ -120,6 +142,11 @@ class TrainConfig:
     parallel: str = "ddp"                 # with several processes (torchrun): "ddp" or "fsdp" (FSDP2, sharded)
     activation_checkpointing: int = 0     # recompute blocks in backward: 0 none, 1 every block, k every k-th
     compile: bool = False                 # torch.compile the transformer blocks (dynamic token and batch dims)
+    init_from: str = ""                   # start from these weights: a run directory (its EMA) or a .safetensors; a
+                                          # video model also takes an image MMDiT of the same size (temporal layers
+                                          # start as the identity)
+    pack_tokens: int = 0                  # video: pack differently sized clips into one sequence of at most this
+                                          # many image tokens per step (NaViT); 0 = dense batches
     peak_tflops: float = 0.0              # device peak for the logged MFU; 0 measures a matmul once per run
 
     def validate(self) -> None:
@@ -140,6 +167,8 @@ class TrainConfig:
         _choice("train.parallel", self.parallel, ("ddp", "fsdp"))
         if not 0 <= self.seed < 2**31:
             raise ConfigError(f"train.seed must be in 0..2**31-1, got {self.seed}")
+        if self.pack_tokens < 0:
+            raise ConfigError(f"train.pack_tokens must be >= 0 (0: dense batches), got {self.pack_tokens}")
         if self.activation_checkpointing < 0:
             raise ConfigError(f"train.activation_checkpointing must be >= 0 (0 none, 1 all, k every k-th block), "
                               f"got {self.activation_checkpointing}")
@@ -154,6 +183,8 @@ class SampleConfig:
     n: int = 16
     seed: int = 0
     precision: str = "fp32"               # "fp32" or "bf16" (autocast; about 2.5x faster on CPUs with AVX-512 bf16)
+    keyframe: bool = False                # video text-to-video: draw frame 0 as an image first (a one-frame clip),
+                                          # then animate it as image-to-video (Emu Video's factorisation)
 
     def validate(self, objective: str = "rectified") -> None:
         if not 1 <= self.steps <= 1000:
@@ -249,6 +280,15 @@ class RunConfig:
             raise ConfigError("model.learn_sigma = true needs flow.objective = \"ddpm\" (a flow predicts no variance)")
         if self.flow.objective == "ddpm" and self.flow.num_timesteps < self.sample.steps:
             raise ConfigError(f"sample.steps={self.sample.steps} exceeds flow.num_timesteps={self.flow.num_timesteps}")
+        video_only = [k for k, v in (("data.buckets", self.data.buckets), ("data.mix_images", self.data.mix_images),
+                                     ("train.pack_tokens", self.train.pack_tokens),
+                                     ("flow.context_prob", self.flow.context_prob)) if v]
+        if video_only and self.model.arch != "video":
+            raise ConfigError(f"{video_only[0]} is a video setting: it needs model.arch = \"video\" (clips of "
+                              f"several sizes, per-frame timesteps); model.arch = {_show(self.model.arch)}")
+        if self.data.mix_images and not (self.data.buckets or self.train.pack_tokens):
+            raise ConfigError("data.mix_images adds one-frame clips to multi-frame ones: batches must then be "
+                              "bucketed (data.buckets with a one-frame bucket) or packed (train.pack_tokens)")
         captioned = ("color-digits", "moving-digits", "captions")
         if self.is_text_run and self.data.dataset not in captioned:
             raise ConfigError(f"model.arch = {self.model.arch!r} learns from captions; data.dataset = "
@@ -257,10 +297,12 @@ class RunConfig:
             raise ConfigError("data.dataset = \"captions\" gives (image, caption) pairs for a text-conditioned "
                               "model: set model.arch = \"mmdit\" (or \"crossdit\"), or use \"folder\" for labels "
                               "from class subfolders")
-        if self.data.dataset in ("folder", "video", "captions") and self.codec.source == "identity":  # data = model
-            d, m = self.data, self.model
-            frames = (d.frames, f"data.frames = {d.frames}") if d.dataset == "video" else \
+        if self.data.dataset in ("folder", "video", "captions", "moving-digits") and self.codec.source == "identity":
+            d, m = self.data, self.model  # pixels: the data is the model's input
+            frames = (d.frames, f"data.frames = {d.frames}") if d.dataset in ("video", "moving-digits") else \
                 (1, f"data.dataset = {_show(d.dataset)} gives images, 1 frame each")
+            if d.dataset == "moving-digits":
+                d = dataclasses.replace(d, channels=3, image_size=32)  # the world's clips are 32x32 RGB
             for mkey, want, what in ((("in_channels", d.channels, f"data.channels = {d.channels}"),
                                       ("input_size", d.image_size, f"data.image_size = {d.image_size}"),
                                       ("frames", *frames))):
@@ -355,15 +397,18 @@ def _check_type(key: str, value, annotation):
 
 
 def model_config_class(arch):
-    """[model]'s dataclass for model.arch: "dit" (default), "mmdit" / "crossdit" (text) or "autoencoder" (a codec run)."""
+    """[model]'s dataclass for model.arch: "dit" (default), "mmdit" / "crossdit" (text), "video" (text-to-video) or
+    "autoencoder" (a codec run)."""
     if arch == "dit":
         return DiTConfig
     if arch == "autoencoder":
         return AutoencoderConfig
+    if arch == "video":
+        return VideoDiTConfig
     if arch in TEXT_ARCHS:
         return MMDiTConfig
     raise ConfigError(f"model.arch = {_show(arch)} is not allowed; choose one of: 'dit', 'mmdit', 'crossdit', "
-                      f"'autoencoder'")
+                      f"'video', 'autoencoder'")
 
 
 def _build_section(name: str, cls, values: dict):

@@ -35,6 +35,11 @@ def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
 _CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
 
 
+def mfu_of_macs(macs_per_s: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation of training from forward MACs per second: 3 x forward FLOPs against the peak."""
+    return 3 * 2 * macs_per_s / peak_flops
+
+
 def counted_forward_flops(model, *inputs) -> int:
     """FLOPs (2 x MACs) of model(*inputs) counted by PyTorch's FlopCounterMode, attention included."""
     counter = flop_counter.FlopCounterMode(display=False, custom_mapping=_CPU_SDPA)

@@ -65,12 +65,16 @@ def sampling_shift(cfg: RunConfig, grid: tuple[int, int, int]) -> float:
 def generate(model: nn.Module, cfg: RunConfig, targets, *, conditioning=None, negative=None,
              steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
              seed: int | None = None, batch_size: int = 64, device: torch.device | None = None,
-             progress: bool = False, codec=None, size: tuple[int, int] | None = None) -> torch.Tensor:
+             progress: bool = False, codec=None, size: tuple[int, int] | None = None, frames: int | None = None,
+             context: tuple[torch.Tensor, torch.Tensor] | None = None, init: torch.Tensor | None = None,
+             strength: float = 1.0) -> torch.Tensor:
     """Samples (N, C, T, H, W) in the model's units, or decoded to pixels by `codec` when given.
 
     targets: class labels (N,) for a class run, a list of N prompts for a text run (`conditioning` is the run's
     conditioning step; built when None, which loads a text encoder). negative: a negative prompt (text runs).
-    size: (H, W) in the model's units (latents in a latent run); default the training size. Settings default to
+    size: (H, W) and frames: T in the model's units (latents in a latent run); default the training size.
+    Video runs: context = (known (N, C, T, H, W), given (N, T) bool) holds given frames fixed (image-to-video,
+    extension); init (N, C, T, H, W) with strength < 1 starts part-way from a clip (SDEdit). Settings default to
     cfg.sample. Noise is drawn on the CPU from `seed`, so the same seed gives the same samples on any device.
     """
     from patchflow.conditioning import build_conditioning
@@ -87,29 +91,48 @@ def generate(model: nn.Module, cfg: RunConfig, targets, *, conditioning=None, ne
         targets = torch.as_tensor(targets).reshape(-1)
     n = len(targets)
     height, width = size or (m.input_size, m.input_size)
-    p = m.patch_size
+    frames = m.frames if frames is None else frames
+    p, pt = m.patch_size, getattr(m, "temporal_patch", 1)
     if height % p or width % p or height < p or width < p:
         raise ValueError(f"size {height}x{width} must be positive multiples of the patch size {p} (in the model's "
                          f"units)")
+    if frames != m.frames and m.arch != "video":
+        raise ValueError(f"frames: this {m.arch} model makes {m.frames}-frame samples; other lengths need a video "
+                         f"model (model.arch = \"video\")")
+    if frames < 1 or frames % pt:
+        raise ValueError(f"frames = {frames} (in the model's units) must be a positive multiple of the temporal "
+                         f"patch {pt}")
+    if (context is not None or init is not None) and cfg.flow.objective != "rectified":
+        raise ValueError("given frames and SDEdit need a rectified-flow run")
     flow = cfg.flow
-    if size is not None and flow.objective == "rectified":
-        flow = dataclasses.replace(flow, shift=sampling_shift(cfg, (m.frames, height // p, width // p)))
+    if (size is not None or frames != m.frames) and flow.objective == "rectified":
+        flow = dataclasses.replace(flow, shift=sampling_shift(cfg, (frames // pt, height // p, width // p)))
     objective = build_objective(flow, m.learn_sigma)
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(n, m.in_channels, m.frames, height, width, generator=generator)
+    noise = torch.randn(n, m.in_channels, frames, height, width, generator=generator)
+    for name, given in (("context", context[0] if context is not None else None), ("init", init)):
+        if given is not None and tuple(given.shape) != tuple(noise.shape):
+            raise ValueError(f"{name} has shape {tuple(given.shape)}, the samples {tuple(noise.shape)}")
     step_generator = torch.Generator(device).manual_seed(seed + 1)  # ancestral noise of stochastic samplers
     out = []
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=steps * ((n + batch_size - 1) // batch_size), desc="sampling", unit="step")
+        run = steps if strength >= 1 else max(1, round(steps * strength))
+        bar = tqdm(total=run * ((n + batch_size - 1) // batch_size), desc="sampling", unit="step")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16")
     for i in range(0, n, batch_size):
-        cond, null = conditioning.pair(targets[i:i + batch_size], negative)
+        part = slice(i, i + batch_size)
+        cond, null = conditioning.pair(targets[part], negative)
         fn = classifier_free(model, cond, null, guidance, interval=tuple(s.guidance_interval), t_max=objective.t_max)
+        extra = {}
+        if context is not None:
+            extra["context"] = (context[0][part].to(device), context[1][part].to(device))
+        if init is not None:
+            extra.update(init=init[part].to(device), strength=strength)
         with autocast:  # the model runs in bf16; the sampler's state x stays fp32
-            x = objective.sample(fn, noise[i:i + batch_size].to(device), steps, sampler, progress=bar,
-                                 generator=step_generator)
+            x = objective.sample(fn, noise[part].to(device), steps, sampler, progress=bar, generator=step_generator,
+                                 **extra)
         if codec is not None:  # latents -> pixels, in fp32
             x = codec.to(device).decode(x.float())
         out.append(x.float().cpu())
@@ -133,15 +156,18 @@ def preview_prompts(cfg: RunConfig, n: int = 30) -> list[str]:
 @torch.inference_mode()
 def preview(model: nn.Module, cfg: RunConfig, codec=None, device: torch.device | None = None,
             conditioning=None) -> tuple[np.ndarray, int]:
-    """What a run shows while it trains: (uint8 (N, H, W, C) images, images per row).
+    """What a run shows while it trains: (uint8 (N, H, W, C) images, images per row); a video run: clips
+    (N, T, H, W, C) of 16 held-out prompts, 4 per row.
 
     A class run: samples, one column per class (decoded by `codec` in a latent run). A text run: samples of fixed
     held-out prompts (`preview_prompts`). A codec run: held-out items (rows of originals) above their
     reconstructions; clips show one frame per column.
     """
     if cfg.is_text_run:
-        x = generate(model, cfg, preview_prompts(cfg), conditioning=conditioning, device=device, codec=codec)
-        return to_uint8(x)[:, 0], 10
+        video = cfg.model.arch == "video"
+        x = generate(model, cfg, preview_prompts(cfg, 16 if video else 30), conditioning=conditioning, device=device,
+                     codec=codec)
+        return (to_uint8(x), 4) if video else (to_uint8(x)[:, 0], 10)
     if not cfg.is_codec_run:
         m = cfg.model
         rows = max(1, min(10, 100 // m.num_classes))
@@ -165,17 +191,29 @@ def preview(model: nn.Module, cfg: RunConfig, codec=None, device: torch.device |
     return images.reshape(-1, *images.shape[2:]), frames
 
 
-def save_grid(images: np.ndarray, path: str | Path, nrow: int = 10, pad: int = 2) -> None:
-    """images: uint8 (N, H, W, C) -> one PNG grid, `nrow` images per row."""
-    from PIL import Image
-
+def grid(images: np.ndarray, nrow: int = 10, pad: int = 2) -> np.ndarray:
+    """images: uint8 (N, H, W, C) -> one (rows, cols, C) picture, `nrow` images per row."""
     n, h, w, c = images.shape
     rows = (n + nrow - 1) // nrow
-    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
+    out = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
     for i, img in enumerate(images):
         r, k = divmod(i, nrow)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = img
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+        out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = img
+    return out
+
+
+def save_grid(images: np.ndarray, path: str | Path, nrow: int = 10, pad: int = 2) -> None:
+    """images: uint8 (N, H, W, C) -> one PNG grid, `nrow` images per row; clips (N, T, H, W, C) -> an animated grid
+    (GIF or MP4 by the suffix)."""
+    if images.ndim == 5:
+        from patchflow.clip_files import write_clip
+
+        write_clip(path, np.stack([grid(images[:, t], nrow, pad) for t in range(images.shape[1])]))
+        return
+    from PIL import Image
+
+    g = grid(images, nrow, pad)
+    Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g).save(path)
 
 
 class Pipeline:
@@ -231,24 +269,149 @@ class Pipeline:
     def __call__(self, labels=None, *, prompt=None, negative_prompt: str | None = None, n: int | None = None,
                  steps: int | None = None, guidance: float | None = None, seed: int | None = None,
                  sampler: str | None = None, size: tuple[int, int] | None = None, output: str = "np",
-                 progress: bool = False):
+                 progress: bool = False, frames: int | None = None, first_frame=None, extend=None, video=None,
+                 strength: float = 0.7, keyframe: bool | None = None):
         """labels: an int (repeated n times) or a list of ints (class runs). prompt: a string (repeated n times)
         or a list of strings (text runs); negative_prompt replaces the empty prompt of guidance. size: (H, W) in
-        pixels, default the training size. output: 'np' (uint8 (N, H, W, C)) or 'pil' (a list of images)."""
+        pixels, default the training size. output: 'np' (uint8 (N, H, W, C)) or 'pil' (a list of images).
+
+        Video runs return clips, uint8 (N, T, H, W, 3) ('pil': a list of lists of frames). frames: T in pixels
+        (default the training length). One of: first_frame, an image (H, W, 3) or one per prompt (N, H, W, 3), a
+        PIL image or a path (image-to-video: frame 0 given); extend, a clip (K, H, W, 3) or a path (its last frames
+        given, the returned clip is the K frames followed by the new ones); video, a clip or a path with strength
+        in (0, 1] (SDEdit: how much of the schedule re-runs; 1 ignores the clip). Frames of another size are
+        resized with a warning (clip_files.fit_frame). keyframe (default sample.keyframe): text-to-video draws frame
+        0 first as a one-frame clip, then animates it.
+        """
         if output not in ("np", "pil"):
             raise ConfigError(f"output must be 'np' or 'pil', got {output!r}")
         if negative_prompt is not None and not self.cfg.is_text_run:
             raise ValueError("negative_prompt needs a text-to-image run; this run is class-conditional")
+        given = [k for k, v in (("frames", frames), ("first_frame", first_frame), ("extend", extend),
+                                ("video", video)) if v is not None]
+        if given and not self.is_video:
+            raise ValueError(f"{given[0]}= needs a video run (model.arch = \"video\"); this run makes images")
+        if len(given) - (frames is not None) > 1:
+            raise ValueError("pass at most one of first_frame=, extend= and video=")
         targets = self.targets(labels, prompt, n)
-        x = generate(self.model, self.cfg, targets, conditioning=self.conditioning, negative=negative_prompt,
-                     steps=steps, guidance=guidance, sampler=sampler, seed=seed, progress=progress,
-                     codec=self.codec, size=self.model_size(size))
-        images = to_uint8(x)[:, 0]  # images are the first (only) frame
+        common = dict(conditioning=self.conditioning, negative=negative_prompt, steps=steps, guidance=guidance,
+                      sampler=sampler, seed=seed, progress=progress, codec=self.codec, size=self.model_size(size))
+        if not self.is_video:
+            x = generate(self.model, self.cfg, targets, **common)
+            images = to_uint8(x)[:, 0]  # images are the first (only) frame
+            if output == "pil":
+                from PIL import Image
+
+                return [Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im) for im in images]
+            return images
+        keyframe = self.cfg.sample.keyframe if keyframe is None else keyframe
+        clips = self._video(targets, common, frames, first_frame, extend, video, strength, size, keyframe)
         if output == "pil":
             from PIL import Image
 
-            return [Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im) for im in images]
-        return images
+            return [[Image.fromarray(f) for f in clip] for clip in clips]
+        return clips
+
+    # ---- video ---------------------------------------------------------------------------------------------
+    @property
+    def is_video(self) -> bool:
+        return self.cfg.model.arch == "video"
+
+    def pixel_frames(self, latent_frames: int | None = None) -> int:
+        """Pixel frames of `latent_frames` model frames (default the training length)."""
+        t = self.cfg.model.frames if latent_frames is None else latent_frames
+        return t if self.codec is None else self.codec.pixel_frames(t)
+
+    def latent_frames(self, frames: int, what: str = "frames") -> int:
+        """Pixel frames -> the model's frames, checked against the codec and the temporal patch."""
+        pt = self.cfg.model.temporal_patch
+        if int(frames) != frames or frames < 1:
+            raise ValueError(f"{what} must be a positive whole number, got {frames!r}")
+        if self.codec is not None and not self.codec.frames_ok(frames):
+            ok = [t for t in range(1, 40) if self.codec.frames_ok(t) and self.codec.latent_frames(t) % pt == 0][:5]
+            raise ValueError(f"{what} = {frames}: this run's codec takes {', '.join(map(str, ok))}, ... frames "
+                             f"(it compresses time by {self.codec.time_factor})")
+        t = frames if self.codec is None else self.codec.latent_frames(frames)
+        if t % pt:
+            raise ValueError(f"{what} = {frames}: the model's tubelets span {pt} frames; use a multiple of {pt}")
+        return t
+
+    def pixel_size(self, size: tuple[int, int] | None) -> tuple[int, int]:
+        if size is not None:
+            return tuple(int(v) for v in size)
+        m = self.cfg.model
+        if self.codec is None:
+            return m.input_size, m.input_size
+        return tuple(self.codec.pixel_shape((1, m.in_channels, 1, m.input_size, m.input_size))[-2:])
+
+    def _pixels(self, value, what: str, size: tuple[int, int], clip: bool) -> np.ndarray:
+        """A path, PIL image or array -> uint8 (T, H, W, 3) for a clip, (N, H, W, 3) for first frames; resized to
+        `size` with a warning."""
+        from patchflow.clip_files import fit_frame, read_clip, read_image
+
+        if isinstance(value, (str, Path)):
+            value = read_clip(value) if clip else read_image(value)[None]
+        elif not isinstance(value, np.ndarray):  # a PIL image
+            value = np.asarray(value.convert("RGB"))[None]
+        a = np.asarray(value)
+        if a.ndim == 3 and not clip and a.shape[-1] in (1, 3, 4):
+            a = a[None]
+        if a.ndim != 4:
+            raise ValueError(f"{what}: expected {'a clip (T, H, W, 3)' if clip else 'an image (H, W, 3) or images (N, H, W, 3)'}"
+                             f" of uint8 RGB, got shape {a.shape}")
+        return np.stack([fit_frame(f, size, name=what) for f in a])
+
+    def _encode(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 (N, T, H, W, 3) -> model inputs (N, C, T', h, w)."""
+        device = next(self.model.parameters()).device
+        x = torch.from_numpy(frames).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+        return x if self.codec is None else self.codec.to(device).encode(x)
+
+    def _video(self, targets, common, frames, first_frame, extend, video, strength, size, keyframe) -> np.ndarray:
+        n, hw = len(targets), self.pixel_size(size)
+        if video is not None:  # SDEdit: the whole clip, partly renoised
+            if not 0 < strength <= 1:
+                raise ValueError(f"strength must be in (0, 1], got {strength}")
+            clip = self._pixels(video, "video", hw, clip=True)
+            t = self.latent_frames(len(clip), "the clip's frame count")
+            init = self._encode(clip[None]).expand(n, -1, -1, -1, -1).cpu()
+            x = generate(self.model, self.cfg, targets, frames=t, init=init, strength=strength, **common)
+            return to_uint8(x)
+        frames = self.pixel_frames() if frames is None else frames
+        t = self.latent_frames(frames)
+        h, w = common["size"] or (self.cfg.model.input_size, self.cfg.model.input_size)
+        known = torch.zeros(n, self.cfg.model.in_channels, t, h, w)
+        given = torch.zeros(n, t, dtype=torch.bool)
+        head = None
+        if first_frame is not None:
+            still = self._pixels(first_frame, "first_frame", hw, clip=False)
+            if len(still) not in (1, n):
+                raise ValueError(f"first_frame: {len(still)} images for {n} prompts; give one, or one per prompt")
+            z = self._encode(still[:, None]).cpu()  # (1 or N, C, 1, h, w): a still is a one-frame clip
+            known[:, :, :1], given[:, 0] = z, True
+        elif extend is not None:
+            clip = self._pixels(extend, "extend", hw, clip=True)
+            keep = min(len(clip), frames - 1)
+            pt = self.cfg.model.temporal_patch
+            fits = lambda k: (self.codec is None or self.codec.frames_ok(k)) and (  # noqa: E731
+                (k if self.codec is None else self.codec.latent_frames(k)) % pt == 0)
+            while keep > 0 and not fits(keep):  # whole codec frames and whole tubelets
+                keep -= 1
+            if keep < 1:
+                raise ValueError(f"extend: no frames of the clip fit a {frames}-frame window; ask for more frames")
+            z = self._encode(clip[None, len(clip) - keep:]).cpu()
+            known[:, :, :z.shape[2]], given[:, :z.shape[2]] = z, True
+            head = clip[:len(clip) - keep]
+        elif keyframe and t > self.cfg.model.temporal_patch:  # frame 0 as an image (in latents), then animated
+            pt = self.cfg.model.temporal_patch
+            key = generate(self.model, self.cfg, targets, frames=pt, **{**common, "codec": None, "progress": False})
+            known[:, :, :pt], given[:, :pt] = key, True
+        x = generate(self.model, self.cfg, targets, frames=t, context=(known, given) if given.any() else None,
+                     **common)
+        clips = to_uint8(x)
+        if head is not None:  # the given clip, then the new frames
+            clips = np.concatenate([np.broadcast_to(clip, (n, *clip.shape)), clips[:, keep:]], axis=1)
+        return clips
 
     def model_size(self, size: tuple[int, int] | None) -> tuple[int, int] | None:
         """A pixel size (H, W) -> the model's units (the codec's latent size); None stays None."""

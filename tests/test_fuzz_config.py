@@ -432,7 +432,7 @@ def test_bad_tables_are_rejected_by_name(data, message):
 
 @pytest.mark.parametrize("path,message", [
     ("", "config file '' not found (shipped presets: codec-color-digits, codec-digits, codec-moving-digits, "
-         "color-digits, digits, digits-ddpm, digits-latent)"),
+         "color-digits, digits, digits-ddpm, digits-latent, moving-digits, moving-digits-image)"),
     (".", "config file '.' not found"),
     ("/", "config file '/' not found"),
     ("run", "config file 'run' not found"),  # a directory

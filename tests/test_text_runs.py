@@ -15,11 +15,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from patchflow.cli import main
 from patchflow.config import ConfigError, load_config
 from patchflow.pipeline import Pipeline
 from patchflow.train.checkpoint import latest_checkpoint
 from patchflow.train.trainer import train
+
+from run_helpers import cli, read_log
 
 REPO = Path(__file__).resolve().parents[1]
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
@@ -50,16 +51,6 @@ def text_sets(captions, arch="mmdit", *extra):
             f"train.steps={STEPS}", "train.lr=1e-3", "train.log_every=1", "train.sample_every=0",
             "train.checkpoint_every=4", "train.num_threads=1", "train.ema_decay=0.9", "sample.steps=3",
             "sample.n=4", *extra]
-
-
-def cli(args, capsys):
-    code = main(args)
-    out = capsys.readouterr()
-    return code, out.out + out.err
-
-
-def read_log(run):
-    return [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(autouse=True)

@@ -119,6 +119,14 @@ def test_deterministic_in_the_seed():
     assert all(torch.equal(long[i][0][:, :9], m[i][0]) for i in idx[:4])
 
 
+def test_latent_caches_know_the_world_versions():
+    """A world whose items changed bumps WORLD; latent caches carry it, so caches of older items are refused."""
+    from patchflow.data.latent_cache import WORLD_VERSIONS, data_identity
+
+    assert MovingDigitsDataset.WORLD == WORLD_VERSIONS["moving-digits"] == 3
+    assert data_identity(DataConfig(dataset="moving-digits", frames=9))["world_version"] == 3
+
+
 def test_train_and_validation_use_disjoint_digits(color, color_val, moving):
     train_digits, val_digits = set(glyphs("train", 0).index), set(glyphs("val", 0).index)
     assert not train_digits & val_digits and len(train_digits | val_digits) == 5000
@@ -330,7 +338,17 @@ def test_moving_pixels_agree_with_attributes(moving):
         assert (clip[alpha == 0] == bg).all()
         assert (np.abs(clip[alpha >= 0.99].astype(int) - fg) <= 2).all()
         assert len(a["positions"]) == 9 and a["positions"][0] == a["start"]
+        # the ink box, measured on the rendered alpha and on the pixels alone, is the recorded one in every frame:
+        # ink height 14-20 px, width <= 16 px, >= 1 px from the border
+        for t, (x, y) in enumerate(a["positions"]):
+            stroke = (clip[t] != bg).any(-1)
+            assert np.array_equal(stroke, alpha[t] > 0)
+            x0, y0, x1, y1 = ink_box(alpha[t] > 0)
+            assert (x0, y0, x1 - x0, y1 - y0) == (x, y, a["width"], a["size"]), (i, t)
+            assert 14 <= y1 - y0 <= 20 and x1 - x0 <= 16
+            assert 1 <= x0 and 1 <= y0 and x1 <= 31 and y1 <= 31
         com = np.array([centre_of_mass(weight(frame, bg)) for frame in clip])
+        assert np.allclose(com, a["com"], atol=0.05)  # the recorded centre-of-mass track is the pixels' one
         steps = np.diff(com, axis=0)
         pos = np.array(a["positions"])
         assert np.allclose(steps, np.diff(pos, axis=0), atol=1e-6)  # the pixels move as recorded
@@ -343,7 +361,57 @@ def test_moving_pixels_agree_with_attributes(moving):
             t = first_bounce  # after the bounce the motion is reversed
             if t < 8:
                 assert np.dot(steps[t], (dx, dy)) < 0
-        assert all(1 <= x and x + a["width"] <= 31 and 1 <= y and y + a["size"] <= 31 for x, y in a["positions"])
+
+
+def test_moving_ink_heights_speeds_and_first_steps():
+    """Over many clips of both splits: ink heights cover 14-20 (the drawn height is the ink height), speeds
+    1-3, and the first two steps go the captioned way at the clip's speed; the other axis never moves."""
+    for split, n in (("train", 2000), ("val", 500)):
+        ds = MovingDigitsDataset(split, frames=9)
+        attrs = [ds.attributes(i) for i in range(n)]
+        assert {a["size"] for a in attrs} == set(range(14, 21))
+        assert all(a["size"] == a["glyph_size"][0] and a["width"] <= 16 for a in attrs)
+        assert {a["speed"] for a in attrs} == {1, 2, 3}
+        assert {(a["direction"], a["speed"]) for a in attrs} == {(d, s) for d in md.DIRECTIONS for s in (1, 2, 3)}
+        for a in attrs:
+            pos = np.array(a["positions"])
+            dx, dy = md.VELOCITY[a["direction"]]
+            v = np.array((dx, dy)) * a["speed"]
+            assert (pos[1] - pos[0] == v).all() and (pos[2] - pos[1] == v).all()
+            across = 1 if dx else 0  # the other axis
+            assert (pos[:, across] == pos[0, across]).all()
+            plain = [t - 1 for t in range(1, 9) if t not in a["bounces"]]
+            assert (np.abs(np.diff(pos, axis=0)[plain]).sum(1) == a["speed"]).all()  # |step| = speed off the walls
+
+
+def test_moving_bounces_reflect_off_the_walls():
+    """A step past a wall lands as far inside it as it would have gone past (2 * wall - position), the velocity
+    reverses, and long clips keep bouncing inside the canvas."""
+    ds = MovingDigitsDataset("train", seed=0, frames=40)
+    seen = 0
+    for i in range(300):
+        a = ds.attributes(i)
+        pos = np.array(a["positions"])
+        dx, dy = md.VELOCITY[a["direction"]]
+        axis = 0 if dx else 1
+        extent = a["width"] if axis == 0 else a["size"]
+        lo, hi = 1, 31 - extent
+        p = pos[:, axis]
+        assert ((p >= lo) & (p <= hi)).all()
+        v = (dx or dy) * a["speed"]
+        for t in range(1, len(p)):
+            free = p[t - 1] + v
+            if t in a["bounces"]:
+                wall = lo if free < lo else hi
+                assert not lo <= free <= hi and p[t] == 2 * wall - free
+                v = -v
+                seen += 1
+            else:
+                assert p[t] == free
+        assert len(a["bounces"]) >= 1  # 40 frames always reach a wall
+    assert seen > 300
+    assert md.trajectory(3, -3, 1, 10, 4) == ([3, 2, 5, 8], [1])  # 3 - 3 = 0 is 1 px past the wall at 1
+    assert md.trajectory(9, 2, 1, 10, 4) == ([9, 9, 7, 5], [1])  # 11 is 1 px past 10
 
 
 def test_moving_frame_zero_is_a_still_image(moving):

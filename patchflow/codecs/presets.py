@@ -19,6 +19,11 @@ def is_codec_preset(name: str) -> bool:
     return name in codec_preset_names()
 
 
+# the training settings that decide a codec's weights (not logging, checkpointing, devices or later switches)
+TRAIN_KEYS = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "betas", "warmup_steps", "grad_clip",
+              "ema_decay", "ema_warmup", "seed", "precision")
+
+
 def cached_codec_dir(name: str) -> Path:
     """The run directory that trains preset `name` in the cache: `<cache>/codecs/<name>-<hash>`, the hash of what
     makes the codec (its [model] and [train] sections and its data's identity, world version included), so an
@@ -27,7 +32,7 @@ def cached_codec_dir(name: str) -> Path:
     from patchflow.data.latent_cache import data_identity
 
     cfg = load_config(name)
-    recipe = {"model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train),
+    recipe = {"model": dataclasses.asdict(cfg.model), "train": {k: getattr(cfg.train, k) for k in TRAIN_KEYS},
               "data": data_identity(cfg.data)}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     return cache_root() / "codecs" / f"{name}-{digest}"

@@ -1,6 +1,8 @@
 """Data sets and the resumable batch order."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from patchflow.config import DataConfig
@@ -90,10 +92,29 @@ class WithCaptions(torch.utils.data.Dataset):
         return self._captions
 
 
+def images_config(cfg: DataConfig) -> DataConfig:
+    """The color-digits data whose images a moving-digits run mixes in (data.mix_images)."""
+    return dataclasses.replace(cfg, dataset="color-digits", buckets=[], mix_images=0)
+
+
+def mix_images(clips, images, n: int) -> torch.utils.data.ConcatDataset:
+    """The clips, then the first n images (one-frame clips): items (x (C, T, H, W), caption)."""
+    if n > len(images):
+        raise ValueError(f"data.mix_images = {n} asks for more images than the {len(images)} there are")
+    return torch.utils.data.ConcatDataset([clips, torch.utils.data.Subset(images, range(n))])
+
+
 def captions_of(dataset) -> list[str]:
-    """Every caption of a captioned data set (or WithCaptions), in item order."""
+    """Every caption of a captioned data set (or WithCaptions, a mix, a cut), in item order."""
     if isinstance(dataset, WithCaptions):
         return dataset.captions()
+    if isinstance(dataset, torch.utils.data.ConcatDataset):
+        return [c for part in dataset.datasets for c in captions_of(part)]
+    if isinstance(dataset, torch.utils.data.Subset):
+        every = captions_of(dataset.dataset)
+        return [every[i] for i in dataset.indices]
+    if hasattr(dataset, "frames") and hasattr(dataset, "dataset"):  # CutClips
+        return captions_of(dataset.dataset)
     return [item_text(dataset, i) for i in range(len(dataset))]
 
 

@@ -34,7 +34,7 @@ class CacheError(ValueError):
 
 # a built-in world's items change when its generator changes: the version joins the identity, so caches of an
 # older world are refused as stale instead of training on images the world no longer draws
-WORLD_VERSIONS = {"digits": 1, "color-digits": 2, "moving-digits": 2}
+WORLD_VERSIONS = {"digits": 1, "color-digits": 2, "moving-digits": 3}
 
 
 def data_identity(cfg: DataConfig) -> dict:

@@ -1,18 +1,27 @@
-"""The `moving-digits` world: text-to-video clips of 32x32 RGB frames, a coloured MNIST digit on a coloured
-background moving at a constant speed (1-3 px/frame) left, right, up or down, bouncing off the walls.
+"""The `moving-digits` world: text-to-video clips of 32x32 RGB frames (default 9, any count >= 1), a coloured MNIST
+digit on a coloured background moving at a constant speed (1-3 px/frame) left, right, up or down, bouncing off
+the walls.
 
 Canonical caption (lower case; `A` is "a", or "an" before a vowel: "an orange 7"):
 
     A COLOR DIGIT moving DIRECTION on A BG background      a red 7 moving left on a black background
 
-COLOR, BG: red green blue yellow magenta cyan white orange gray black (COLOR != BG). DIGIT: 0-9 or
-zero-nine. DIRECTION: left | right | up | down, the initial direction (a bounce reverses it; every clip moves
-at least two steps in it before its first bounce). The speed is not in the caption.
+COLOR, BG: red green blue yellow magenta cyan white orange gray black; COLOR != BG, and the pairs too close to tell
+apart (`worlds.EXCLUDED_PAIRS`, the color-digits ones) are never drawn. DIGIT: 0-9 or zero-nine. DIRECTION:
+left | right | up | down, the initial direction (a bounce reverses it; every clip moves at least two steps in it
+before its first bounce). The speed is not in the caption.
 
-Motion: the glyph's top-left corner moves by `speed` px per frame along one axis inside [1, 31 - extent]; a
-step past a wall is reflected back off it and the direction reverses. Frame 0 alone is a color-digits-style
-image. Item i is a pure function of (split, seed, i); a clip of T frames is the first T frames of any longer
-clip of the same item.
+Glyph: an MNIST digit of the split resized (anti-aliased, natural aspect ratio, at most 16 px wide; 15 px for
+the few wide glyphs that would lose a faint edge row at 16) to an INK height of 14-20 px, trimmed to its ink
+(`Glyphs.ink`, as color-digits draws), so the ink's bounding box in every frame is exactly `size` x `width` px.
+The stroke is an alpha mask blended between the background and the digit colour.
+
+Motion: the ink box's top-left corner moves by `speed` px per frame along one axis, inside [1, 31 - extent] (ink
+stays >= 1 px from the border, so it is never clipped); a step past a wall is reflected back off it (position
+2 * wall - position) and the direction reverses. The start is uniform over the positions that leave room for two
+steps in the captioned direction; the other coordinate is uniform and stays fixed. Frame 0 alone is a
+color-digits-style image. Item i is a pure function of (split, seed, i); a clip of T frames is the first T frames
+of any longer clip of the same item.
 """
 from __future__ import annotations
 
@@ -22,7 +31,7 @@ import numpy as np
 
 from patchflow.data.worlds import (
     ARTICLE_RE, COLOR_NAMES, COLOR_RE, COLORS, DIGIT_RE, MARGIN, SIZE, World, article, check_colors, compose,
-    digit_text, normalize, parse_digit, paste, pick_colors,
+    digit_text, mass_centre, normalize, parse_digit, paste, pick_colors,
 )
 
 __all__ = ["MovingDigitsDataset", "parse_caption", "COLORS", "DIRECTIONS", "CAPTION_FIELDS"]
@@ -30,7 +39,7 @@ __all__ = ["MovingDigitsDataset", "parse_caption", "COLORS", "DIRECTIONS", "CAPT
 DIRECTIONS = ("left", "right", "up", "down")
 VELOCITY = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y grows downwards
 SPEEDS = (1, 2, 3)
-HEIGHT, MAX_WIDTH = (12, 18), 14  # glyph size range: small enough to travel
+HEIGHT, MAX_WIDTH = (14, 20), 16  # ink height range and width cap, px: leaves >= 10 px of travel on each axis
 FREE_STEPS = 2  # steps in the captioned direction before any bounce
 WORD_PROBABILITY = 0.5
 # the fields a caption determines: parse_caption(caption(i)) equals attributes(i) on these
@@ -79,7 +88,7 @@ class MovingDigitsDataset(World):
     Default sizes: 10,000 train clips, 500 validation clips (`size` overrides); `frames` >= 1 (default 9).
     """
 
-    WORLD = 2
+    WORLD = 3  # 3: ink heights 14-20 px (Glyphs.ink); 2 drew glyph boxes 12-18 px tall
     SIZES = {"train": 10_000, "val": 500}
     parse_caption = staticmethod(parse_caption)
 
@@ -92,18 +101,25 @@ class MovingDigitsDataset(World):
 
     def attributes(self, i: int) -> dict:
         """Everything about clip i: the CAPTION_FIELDS, plus `kind` ("digit"), `digits`, `number`, `speed`
-        (px/frame), `size` (glyph height), `width`, `start` ((x, y) of the glyph's top-left corner in frame 0,
-        x rightwards, y downwards), `positions` (that corner in every frame), `bounces` (frames t whose step
-        t-1 -> t hit a wall), `frames`, `mnist_index` and `split_index` (as in color-digits)."""
+        (px/frame), `size` (the glyph's ink height, 14-20 px: the height of its ink box in every frame), `width`
+        (its ink width, <= 16 px), `glyph_size` ((height, max_width) the glyph was resized with, see
+        `Glyphs.ink`), `start` ((x, y) of the ink box's top-left corner in frame 0, x rightwards, y downwards),
+        `positions` (that corner in every frame), `com` ((x, y) of the ink's centre of mass in every frame,
+        pixel centres at integers), `bounces` (frames t whose step t-1 -> t hit a wall), `frames`, `mnist_index`
+        and `split_index` (as in color-digits)."""
         rng, g = self.rng(i), self.glyphs
         color, background = pick_colors(rng)
         digit = int(rng.integers(10))
         word = bool(rng.random() < WORD_PROBABILITY)
         direction = DIRECTIONS[rng.integers(len(DIRECTIONS))]
         speed = int(SPEEDS[rng.integers(len(SPEEDS))])
-        h = int(rng.integers(HEIGHT[0], HEIGHT[1] + 1))
+        height = int(rng.integers(HEIGHT[0], HEIGHT[1] + 1))
         j = g.pick(rng, digit)
-        w = g.width(j, h, MAX_WIDTH)
+        for max_width in range(MAX_WIDTH, 2, -1):  # a wide glyph squeezed to 16 px can lose a faint edge row:
+            ink = g.ink(j, height, max_width)     # one px narrower keeps it (the ink height is exactly `height`)
+            if ink.shape[0] == height:
+                break
+        h, w = ink.shape
         dx, dy = VELOCITY[direction]
         hi_x, hi_y = SIZE - MARGIN - w, SIZE - MARGIN - h
         free = FREE_STEPS * speed
@@ -114,10 +130,12 @@ class MovingDigitsDataset(World):
         x0, y0 = start(MARGIN, hi_x, dx), start(MARGIN, hi_y, dy)
         xs, bx = trajectory(x0, dx * speed, MARGIN, hi_x, self.frames)
         ys, by = trajectory(y0, dy * speed, MARGIN, hi_y, self.frames)
+        cx, cy = mass_centre(ink)
         return {"kind": "digit", "digit": digit, "digits": (digit,), "number": digit, "word": word,
                 "color": color, "color_rgb": COLORS[color], "background": background,
                 "background_rgb": COLORS[background], "direction": direction, "speed": speed, "size": h,
-                "width": w, "start": (x0, y0), "positions": tuple(zip(xs, ys)), "bounces": tuple(bx + by),
+                "width": w, "glyph_size": (height, max_width), "start": (x0, y0), "positions": tuple(zip(xs, ys)),
+                "com": tuple((x + cx, y + cy) for x, y in zip(xs, ys)), "bounces": tuple(sorted(bx + by)),
                 "frames": self.frames, "mnist_index": (int(g.index[j]),), "split_index": (j,)}
 
     def caption(self, i: int, paraphrase: bool = False) -> str:
@@ -142,7 +160,7 @@ class MovingDigitsDataset(World):
 
     def _render(self, i: int, attrs: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         a = self.attributes(i) if attrs is None else attrs
-        glyph = self.glyphs.alpha(a["split_index"][0], a["size"], a["width"])  # resized once, shifted per frame
+        glyph = self.glyphs.ink(a["split_index"][0], *a["glyph_size"])  # resized once (cached), shifted per frame
         alpha = np.zeros((self.frames, SIZE, SIZE), np.float32)
         for t, (x, y) in enumerate(a["positions"]):
             paste(alpha[t], glyph, x, y)

@@ -2,8 +2,9 @@
 
 A clip is one of
 - a GIF (read with PIL, no ffmpeg needed; frame timings are ignored),
-- a video file (.mp4 .avi .mov .mkv .webm) read with imageio, which needs a backend (`pip install imageio[ffmpeg]`
-  or `av`); without one such files are skipped with a warning that says so,
+- a video file (.mp4 .avi .mov .mkv .webm) read by `clip_files.read_clip` (imageio-ffmpeg or PyAV:
+  `pip install imageio imageio-ffmpeg`, the `video` extra); without one such files are skipped with a warning that
+  says what to install,
 - a folder of frame images (`clip/*.png|jpg|...`, not .gif), in natural order (frame2 before frame10).
 
 Layout: flat -- clips directly in `root`, label 0 -- when `root` holds a video file or a folder of frames;
@@ -79,20 +80,9 @@ def read_frames(clip: Path, limit: int) -> list[Image.Image]:
                     break
                 frames.append(frame.copy())  # copy: the iterator reuses one image object
             return frames
-    try:
-        import imageio.v3 as iio
-    except ImportError:
-        raise ImportError(f"reading {clip.suffix} clips needs imageio: pip install imageio[ffmpeg]") from None
-    frames = []
-    try:
-        for a in iio.imiter(clip):
-            if len(frames) == limit:
-                break
-            frames.append(Image.fromarray(a))
-    except Exception as e:
-        raise OSError(f"imageio cannot read it ({describe(e)}); video files need an imageio backend: "
-                      f"pip install imageio[ffmpeg] or av") from None
-    return frames
+    from patchflow.clip_files import read_clip
+
+    return [Image.fromarray(a) for a in read_clip(clip, limit=limit)]
 
 
 def find_clips(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:

@@ -27,7 +27,7 @@ two-digit number, in order), `color`, `background` (every prompt), `position` (s
 the prompt asked at once). Prompts outside the grammar are counted as `unparsed` and left out of every rate.
 
 Public API: :func:`score`, :func:`score_npz`, :func:`held_out_prompts`, :func:`real_reference`,
-:func:`format_report`, :func:`read_images`, :class:`PromptReport`.
+:func:`format_report`, :func:`read_images`, :func:`ink_weights`, :class:`PromptReport`.
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ from PIL import Image
 from patchflow.data.color_digits import ColorDigitsDataset, parse_caption
 from patchflow.data.worlds import COLORS
 
-__all__ = ["score", "score_npz", "held_out_prompts", "real_reference", "format_report", "read_images",
-           "PromptReport", "Reading", "SampleRecord", "ATTRIBUTES", "KINDS"]
+__all__ = ["score", "score_npz", "load_prompted_npz", "held_out_prompts", "real_reference", "format_report", "read_images",
+           "ink_weights", "PromptReport", "Reading", "SampleRecord", "ATTRIBUTES", "KINDS"]
 
 ATTRIBUTES = ("digit", "number", "color", "background", "position", "all")
 KINDS = ("canonical", "paraphrase", "number", "digit")
@@ -111,8 +111,11 @@ def _border(rgb: np.ndarray) -> np.ndarray:
     return np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]])
 
 
-def _ink(rgb: np.ndarray) -> tuple[str, str | None, np.ndarray]:
-    """uint8 (32, 32, 3) -> (background name, colour name or None, ink weight float64 (32, 32) in [0, 1])."""
+def ink_weights(rgb: np.ndarray) -> tuple[str, str | None, np.ndarray]:
+    """How the checker sees one image: uint8 (32, 32, 3) -> (background name, ink colour name or None when no ink
+    is seen, ink weight float64 (32, 32) in [0, 1]); see the module docstring (**background**, **ink**,
+    **colour**). For the worlds' images the weight is the stroke coverage alpha. `read_images` reads with it;
+    `evaluate.clips` tracks a clip's ink with it."""
     x = rgb.astype(np.float64)
     bg_rgb = np.median(_border(x), axis=0)
     background = _nearest(bg_rgb)
@@ -222,7 +225,7 @@ def read_images(images: np.ndarray, glyphs: list[int], classifier=None) -> list[
         raise ValueError(f"glyphs must give 1 or 2 for each of the {len(images)} images, got {list(glyphs)[:10]}")
     seen, frames, owner = [], [], []
     for k, (rgb, count) in enumerate(zip(images, glyphs)):
-        background, color, w = _ink(rgb)
+        background, color, w = ink_weights(rgb)
         position, offset = _position(w)
         box = _box(w)
         seen.append((background, color, position, offset))
@@ -295,27 +298,33 @@ def score(images: np.ndarray, prompts: list[str], classifier=None) -> PromptRepo
     return PromptReport(records, rates, counts, unparsed=len(prompts) - len(parsed), n=len(prompts))
 
 
-def score_npz(path: str | os.PathLike, classifier=None) -> PromptReport:
-    """Score an .npz holding `images` uint8 (N, 32, 32, 3) and `prompts` str (N,) (a numpy unicode array)."""
-    expected = f"`images` uint8 (N, {SIZE}, {SIZE}, 3) and `prompts` str (N,)"
+def load_prompted_npz(path: str | os.PathLike, key: str, what: str) -> tuple[np.ndarray, list[str]]:
+    """(data[key], prompts) of an .npz of samples and their `prompts` str (N,); ValueError naming the file and what
+    is wrong (a missing key, an object array, lengths that differ). `what` describes data[key] for messages."""
+    expected = f"`{key}` {what} and `prompts` str (N,)"
     with np.load(path, allow_pickle=False) as data:
-        for key in ("images", "prompts"):
-            if key not in data.files:
-                raise ValueError(f"{path}: no {key!r} array (found {sorted(data.files)}); expected {expected}")
+        for k in (key, "prompts"):
+            if k not in data.files:
+                raise ValueError(f"{path}: no {k!r} array (found {sorted(data.files)}); expected {expected}")
         try:
             prompts = data["prompts"]
         except ValueError as e:  # an object array would need pickle
             raise ValueError(f"{path}: 'prompts' must be a str array (N,), e.g. np.array(list_of_str), "
                              f"not an object array ({e})") from None
-        images = data["images"]
-    images = _check_images(images, f"{path}: 'images'")
+        samples = data[key]
     if prompts.ndim != 1 or prompts.dtype.kind != "U":
         raise ValueError(f"{path}: 'prompts' must be a str array of shape (N,), got dtype {prompts.dtype}, "
                          f"shape {prompts.shape}")
-    if len(prompts) != len(images):
-        raise ValueError(f"{path}: 'prompts' has shape {prompts.shape} but 'images' holds {len(images)} images; "
+    if len(prompts) != len(samples):
+        raise ValueError(f"{path}: 'prompts' has shape {prompts.shape} but {key!r} holds {len(samples)}; "
                          f"expected {expected}")
-    return score(images, [str(p) for p in prompts], classifier)
+    return samples, [str(p) for p in prompts]
+
+
+def score_npz(path: str | os.PathLike, classifier=None) -> PromptReport:
+    """Score an .npz holding `images` uint8 (N, 32, 32, 3) and `prompts` str (N,) (a numpy unicode array)."""
+    images, prompts = load_prompted_npz(path, "images", f"uint8 (N, {SIZE}, {SIZE}, 3)")
+    return score(_check_images(images, f"{path}: 'images'"), prompts, classifier)
 
 
 # ---- held-out prompts and the real ceiling --------------------------------------------------------------------

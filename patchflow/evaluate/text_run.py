@@ -41,37 +41,51 @@ def training_minutes(run_dir: str | Path) -> dict[int, float]:
             r = json.loads(line)
         except ValueError:
             continue
-        if r.get("images_per_s"):
+        if r.get("steps_per_s"):
+            total += (r["step"] - previous) / r["steps_per_s"] / 60
+        elif r.get("images_per_s"):
             total += (r["step"] - previous) * per_step / r["images_per_s"] / 60
         previous = r["step"]
         minutes[r["step"]] = total
     return minutes
 
 
-def learning_curve(run_dir: str | Path, n: int = 300, seed: int = 0, kind: str = "canonical",
-                   steps: int | None = None, guidance: float | None = None) -> list[dict]:
-    """The score of every kept checkpoint's EMA weights on n held-out prompts: [{step, minutes, rates}], by step."""
+def checkpoint_curve(run_dir: str | Path, score_fn) -> list[dict]:
+    """[{step, minutes, rates}] of every kept checkpoint's EMA weights, by step; score_fn(pipe) -> rates."""
     from patchflow.pipeline import Pipeline
     from patchflow.train.checkpoint import list_checkpoints, load_into, load_weights, step_of
 
     pipe = Pipeline.load(run_dir, device="cpu")
     minutes = training_minutes(run_dir)
-    prompts = [p for p, _ in held_out_prompts(n, seed=seed, kind=kind, world_seed=pipe.cfg.data.seed)]
     curve = []
     for ckpt in list_checkpoints(Path(run_dir)):
         load_into(pipe.model, load_weights(ckpt / "ema.safetensors"), source=str(ckpt / "ema.safetensors"))
-        report = score(pipe(prompt=prompts, steps=steps, guidance=guidance, seed=seed), prompts)
         step = step_of(ckpt)
-        curve.append({"step": step, "minutes": round(minutes.get(step, float("nan")), 2),
-                      "rates": {a: report.rates[a] for a in ATTRIBUTES}})
+        curve.append({"step": step, "minutes": round(minutes.get(step, float("nan")), 2), "rates": score_fn(pipe)})
     return curve
 
 
-def format_curve(curve: list[dict]) -> str:
-    head = f"{'step':>6}{'minutes':>9}" + "".join(f"{a:>11}" for a in ATTRIBUTES)
+def learning_curve(run_dir: str | Path, n: int = 300, seed: int = 0, kind: str = "canonical",
+                   steps: int | None = None, guidance: float | None = None) -> list[dict]:
+    """The score of every kept checkpoint's EMA weights on n held-out prompts: [{step, minutes, rates}], by step."""
+    from patchflow.pipeline import load_run_config
+
+    world_seed = load_run_config(run_dir).data.seed
+    prompts = [p for p, _ in held_out_prompts(n, seed=seed, kind=kind, world_seed=world_seed)]
+
+    def rates(pipe) -> dict:
+        report = score(pipe(prompt=prompts, steps=steps, guidance=guidance, seed=seed), prompts)
+        return {a: report.rates[a] for a in ATTRIBUTES}
+
+    return checkpoint_curve(run_dir, rates)
+
+
+def format_curve(curve: list[dict], attributes=ATTRIBUTES) -> str:
+    width = max(11, *(len(a) + 2 for a in attributes))
+    head = f"{'step':>6}{'minutes':>9}" + "".join(f"{a:>{width}}" for a in attributes)
     rows = [head, "-" * len(head)]
     for c in curve:
-        rates = "".join("-".rjust(11) if np.isnan(c["rates"][a]) else f"{100 * c['rates'][a]:10.1f}%"
-                        for a in ATTRIBUTES)
+        rates = "".join("-".rjust(width) if np.isnan(c["rates"][a]) else f"{100 * c['rates'][a]:{width - 1}.1f}%"
+                        for a in attributes)
         rows.append(f"{c['step']:>6}{c['minutes']:>9.1f}{rates}")
     return "\n".join(rows)

@@ -49,7 +49,7 @@ def classifier_free(model, cond, null, scale: float, interval: tuple[float, floa
     both = _cat(cond, null) if scale != 1.0 else None
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        level = float(t.reshape(-1)[0]) / t_max
+        level = float(t.reshape(t.shape[0], -1)[0].amax()) / t_max  # per-frame times: the noisiest frame
         if scale == 1.0 or not lo <= level <= hi:
             return _call(model, x, t, cond)
         out = _call(model, torch.cat([x, x]), torch.cat([t, t]), both)

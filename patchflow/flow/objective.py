@@ -20,29 +20,88 @@ def global_draw(x0: torch.Tensor, generator, shard: tuple[int, int], draw):
 class RectifiedFlowObjective:
     t_max = rectified.TIME_SCALE
 
-    def __init__(self, cfg: FlowConfig):
+    def __init__(self, cfg: FlowConfig, frames_per_token: int = 1):
         self.cfg = cfg
+        self.unit = frames_per_token  # given context frames come in whole tubelets
 
-    def loss(self, model_fn, x0: torch.Tensor, generator: torch.Generator | None = None,
-             shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
-        """Per-sample loss (B,). shard = (rank, world): x0 is this rank's part of a global batch."""
+    def _times(self, n: int, generator, device) -> torch.Tensor:
         c = self.cfg
-        t = global_draw(x0, generator, shard, lambda n: rectified.sample_timesteps(
-            n, c.timestep_sampling, logit_mean=c.logit_mean, logit_std=c.logit_std, mode_scale=c.mode_scale,
-            generator=generator, device=x0.device))
-        t = rectified.shift_timesteps(t, c.shift)
+        t = rectified.sample_timesteps(n, c.timestep_sampling, logit_mean=c.logit_mean, logit_std=c.logit_std,
+                                       mode_scale=c.mode_scale, generator=generator, device=device)
+        return rectified.shift_timesteps(t, c.shift)
+
+    def loss(self, model_fn, x0, generator: torch.Generator | None = None,
+             shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+        """Per-sample loss (B,). shard = (rank, world): x0 is this rank's part of a global batch. x0: (B, C, T, H, W)
+        (or (B, C, H, W)), or a list of clips of different sizes for a packing model.
+
+        With flow.context_prob > 0, that share of multi-frame clips is trained as a continuation: leading frames
+        given clean (frame 0 alone, image-to-video, half of the time; else 1..T-1 frames, extension), their timestep
+        0 and their error left out of the loss; the model gets one timestep per frame."""
+        if isinstance(x0, (list, tuple)):
+            return self._packed_loss(model_fn, list(x0), generator, shard)
+        t = global_draw(x0, generator, shard, lambda n: self._times(n, generator, x0.device))
         noise = global_draw(x0, generator, shard, lambda n: torch.randn(
             (n, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype))
-        return rectified.flow_loss(lambda x, s: model_fn(x, s * self.t_max), x0, noise, t)
+        given = self._context(x0, generator, shard)
+        if given is None:
+            return rectified.flow_loss(lambda x, s: model_fn(x, s * self.t_max), x0, noise, t)
+        return rectified.context_flow_loss(lambda x, s: model_fn(x, s * self.t_max), x0, noise, t, given)
+
+    def _context(self, x0: torch.Tensor, generator, shard) -> torch.Tensor | None:
+        """(B, T) bool, the given leading frames of each clip (None when no clip of the batch has any)."""
+        prob, frames = self.cfg.context_prob, x0.shape[2] if x0.ndim == 5 else 1
+        tokens = frames // self.unit
+        if prob <= 0 or tokens < 2:
+            return None
+        u = global_draw(x0, generator, shard, lambda n: torch.rand(n, 2, generator=generator, device=x0.device))
+        k = torch.where(u[:, 1] < 0.5, torch.ones_like(u[:, 1]), 1 + (u[:, 1] * 2 - 1) * (tokens - 1)).long()
+        k = torch.where(u[:, 0] < prob, k.clamp(1, tokens - 1), torch.zeros_like(k)) * self.unit
+        given = torch.arange(frames, device=x0.device)[None] < k[:, None]
+        return given if bool(given.any()) else None
+
+    def _packed_loss(self, model_fn, xs: list, generator, shard) -> torch.Tensor:
+        """Clips of different sizes (one packed forward): per clip a timestep and noise; one number from the shared
+        generator seeds this rank's draws, so every process's generator state stays equal (exact resume)."""
+        rank = shard[0]
+        seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device if generator else None))
+        g = torch.Generator().manual_seed(seed + rank)
+        t = self._times(len(xs), g, "cpu").to(xs[0].device)
+        noise = [torch.randn(x.shape, generator=g).to(x.device, x.dtype) for x in xs]
+        xt = [rectified.interpolate(x[None], e[None], ti[None])[0] for x, e, ti in zip(xs, noise, t)]
+        pred = model_fn(xt, t * self.t_max)
+        return torch.stack([(p.float() - (e - x).float()).pow(2).mean() for p, e, x in zip(pred, noise, xs)])
 
     def sample(self, model_fn, noise: torch.Tensor, steps: int, sampler: str = "euler", progress=None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Integrate the learned ODE from noise (t=1) to data (t=0)."""
+               generator: torch.Generator | None = None, context: tuple | None = None,
+               strength: float = 1.0, init: torch.Tensor | None = None) -> torch.Tensor:
+        """Integrate the learned ODE from noise (t=1) to data (t=0).
+
+        context: (known (B, C, T, H, W), given (B, T) bool): the given frames are held at their known values with
+        timestep 0 throughout (image-to-video, extension). strength < 1 with `init` (B, C, T, H, W): SDEdit, the
+        last round(steps * strength) steps of the schedule, starting from `init` noised to that step's time.
+        """
         step = {"euler": samplers.euler, "heun": samplers.heun}.get(sampler)
         if step is None:
             raise ValueError(f"unknown flow sampler {sampler!r}; choose one of: {', '.join(samplers.SAMPLERS)}")
-        return step(lambda x, t: model_fn(x, t * self.t_max), noise, samplers.flow_timesteps(steps, self.cfg.shift),
-                    progress=progress)
+        times = samplers.flow_timesteps(steps, self.cfg.shift)
+        x = noise
+        if strength < 1.0:
+            if init is None:
+                raise ValueError("strength < 1 (SDEdit) needs the clip to start from (init)")
+            run = max(1, round(steps * strength))
+            times = times[steps - run:]
+            x = rectified.interpolate(init, noise, times[:1].to(noise.dtype).expand(noise.shape[0]))
+        if context is None:
+            return step(lambda x, t: model_fn(x, t * self.t_max), x, times, progress=progress)
+        known, given = context
+        held = given[:, None, :, None, None]
+
+        def fn(x, t):  # given frames: their known values at time 0, and no motion
+            v = model_fn(torch.where(held, known, x), torch.where(given, 0.0, t[:, None]) * self.t_max)
+            return v.masked_fill(held, 0.0)
+
+        return step(fn, torch.where(held, known, x), times, progress=progress)
 
 
 class DiffusionObjective:
@@ -61,9 +120,11 @@ class DiffusionObjective:
         return self.diffusion.training_losses(model_fn, x0, t, noise)["loss"]
 
     def sample(self, model_fn, noise: torch.Tensor, steps: int, sampler: str = "ddpm", progress=None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, **video) -> torch.Tensor:
         """Ancestral DDPM or DDIM (eta 0) on `steps` respaced timesteps; `generator` (on noise's device) draws
         the ancestral noise."""
+        if video:
+            raise ValueError(f"{', '.join(video)}: given frames and SDEdit need a rectified-flow run")
         diffusion = self.diffusion.respace(steps)
         progress = progress or False
         if sampler == "ddpm":
@@ -86,4 +147,6 @@ def objective_for_run(cfg):
         from patchflow.codecs.autoencoder import AutoencoderObjective
 
         return AutoencoderObjective(cfg.model)
+    if cfg.flow.objective == "rectified":
+        return RectifiedFlowObjective(cfg.flow, getattr(cfg.model, "temporal_patch", 1))
     return build_objective(cfg.flow, cfg.model.learn_sigma)

@@ -55,3 +55,15 @@ def flow_loss(velocity_fn, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tenso
     """Per-sample MSE between the predicted and the target velocity. velocity_fn(x_t, t) with t in [0, 1]."""
     pred = velocity_fn(interpolate(x0, noise, t), t)
     return (pred.float() - velocity_target(x0, noise).float()).pow(2).flatten(1).mean(1)
+
+
+def context_flow_loss(velocity_fn, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                      given: torch.Tensor) -> torch.Tensor:
+    """flow_loss with given frames: x0, noise (B, C, T, H, W); t (B,); given (B, T) bool. Given frames are clean
+    (time 0) and left out of the loss; velocity_fn gets per-frame times (B, T). Per-sample mean over the rest."""
+    tf = t[:, None] * (~given).to(t.dtype)  # (B, T)
+    w = tf[:, None, :, None, None].to(x0.dtype)
+    pred = velocity_fn((1 - w) * x0 + w * noise, tf)
+    err = (pred.float() - velocity_target(x0, noise).float()).pow(2).mean(dim=(1, 3, 4))  # (B, T)
+    keep = (~given).float()
+    return (err * keep).sum(1) / keep.sum(1).clamp(min=1)

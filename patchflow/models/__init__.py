@@ -8,8 +8,8 @@ TEXT_TOKENS = 16  # prompt length of example inputs (a built-in world's caption 
 
 
 def build_model(cfg) -> nn.Module:
-    """The trainable module of a run (RunConfig): a DiT, an MMDiT or CrossDiT (text), or for a codec run the
-    autoencoder and its losses."""
+    """The trainable module of a run (RunConfig): a DiT, an MMDiT or CrossDiT (text), a VideoDiT (text-to-video),
+    or for a codec run the autoencoder and its losses."""
     if cfg.model.arch == "autoencoder":
         from patchflow.codecs.autoencoder import AutoencoderModel
 
@@ -18,6 +18,10 @@ def build_model(cfg) -> nn.Module:
         from patchflow.models.mmdit import MMDiT
 
         return MMDiT(cfg.model)
+    if cfg.model.arch == "video":
+        from patchflow.models.video import VideoDiT
+
+        return VideoDiT(cfg.model)
     if cfg.model.arch == "crossdit":
         from patchflow.models.crossdit import CrossDiT
 

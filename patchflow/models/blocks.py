@@ -22,9 +22,14 @@ def zero_linears(layers) -> None:
         nn.init.zeros_(layer.bias)
 
 
+def per_token(v: torch.Tensor) -> torch.Tensor:
+    """A modulation (B, D), one per sample, -> (B, 1, D) to broadcast over tokens; (B, N, D) (one per token) stays."""
+    return v.unsqueeze(1) if v.ndim == 2 else v
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x: (B, N, D); shift, scale: (B, D)."""
-    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+    """x: (B, N, D); shift, scale: (B, D) per sample or (B, N, D) per token."""
+    return torch.addcmul(per_token(shift), x, 1 + per_token(scale))
 
 
 class Mlp(nn.Module):
@@ -69,6 +74,8 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, patch_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+    def forward(self, x: torch.Tensor, c: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, N, D); c: (B, D), or condition rows (B, K, D) with `index` (N,) naming each token's row."""
+        mod = self.adaLN_modulation(c)
+        shift, scale = (mod if index is None else mod[:, index]).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from patchflow.models.attention import Attention, HeadRMSNorm
-from patchflow.models.blocks import Mlp, modulate
+from patchflow.models.blocks import Mlp, modulate, per_token
 
 
 class JointAttention(nn.Module):
@@ -37,9 +37,11 @@ class JointAttention(nn.Module):
         self.text_k_norm = HeadRMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.text_proj = nn.Linear(dim, dim) if text_out else None
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor, attn_mask: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, text: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                layout=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (B, N, D) image tokens; text: (B, L, D); attn_mask: (B, 1, 1, N + L) bool, True = a key to attend.
+        `layout` (a video model's `models.spacetime.Layout`) rotates the image queries and keys (RoPE) and decides
+        who attends to whom (factorized frames, packed samples); None is SD3's one joint attention per row.
 
         Returns the image output (B, N, D) and the text output (B, L, D), or None when text_out is False.
         """
@@ -48,18 +50,23 @@ class JointAttention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if self.text_out:
             tq, tk, tv = self.text_qkv(text).unflatten(-1, (3, *heads)).unbind(2)
-            q = torch.cat([q, self.text_q_norm(tq)], dim=1)
+            tq = self.text_q_norm(tq)
         else:
-            tk, tv = self.text_qkv(text).unflatten(-1, (2, *heads)).unbind(2)
-        k = torch.cat([k, self.text_k_norm(tk)], dim=1)
-        v = torch.cat([v, tv], dim=1)
-        # (B, S, H, hd) -> (B, H, S, hd) as strided views: SDPA reads them in place
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=attn_mask)
-        out = out.transpose(1, 2).flatten(2)  # (B, S, D)
-        # each stream's rows copied out contiguous: a Linear on a strided slice falls back to a batched matmul
-        image = self.proj(out[:, :n].contiguous())
-        return image, self.text_proj(out[:, n:].contiguous()) if self.text_out else None
+            tq, (tk, tv) = None, self.text_qkv(text).unflatten(-1, (2, *heads)).unbind(2)
+        tk = self.text_k_norm(tk)
+        if layout is not None:
+            q, k = layout.rotate(q), layout.rotate(k)
+            image, txt = layout.joint(q, k, v, tq, tk, tv)
+        else:
+            q = torch.cat([q, tq], dim=1) if tq is not None else q
+            k, v = torch.cat([k, tk], dim=1), torch.cat([v, tv], dim=1)
+            # (B, S, H, hd) -> (B, H, S, hd) as strided views: SDPA reads them in place
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=attn_mask)
+            out = out.transpose(1, 2).flatten(2)  # (B, S, D)
+            # each stream's rows copied out contiguous: a Linear on a strided slice falls back to a batched matmul
+            image, txt = out[:, :n].contiguous(), out[:, n:].contiguous() if self.text_out else None
+        return self.proj(image), self.text_proj(txt) if self.text_out else None
 
 
 class JointBlock(nn.Module):
@@ -84,25 +91,36 @@ class JointBlock(nn.Module):
         self.text_mlp = Mlp(dim, int(dim * mlp_ratio)) if text_out else None
         self.text_adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (6 if text_out else 2) * dim))
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor, c: torch.Tensor, attn_mask: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, text: torch.Tensor, c: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                layout=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (B, N, D) image tokens; text: (B, L, D); c: (B, D) condition; attn_mask: (B, 1, 1, N + L) bool.
+        With a video `layout`, c is condition rows (B, K, D) (one per frame or packed sample) that
+        `layout.index` spreads over the image tokens, and `layout.text_c` conditions the text stream.
 
         Returns (x, text), each updated; text is None after a context-pre-only block.
         """
-        mod = self.adaLN_modulation(c).chunk(9 if self.attn2 is not None else 6, dim=1)
+        mod = self.adaLN_modulation(c)
+        text_c = c if layout is None else layout.text_c
+        if layout is not None and layout.index is not None:
+            mod = mod[:, layout.index]  # (B, N, 9 or 6 D): each token its own frame's modulation
+        mod = mod.chunk(9 if self.attn2 is not None else 6, dim=-1)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod[:6]
-        text_mod = self.text_adaLN_modulation(c).chunk(6 if self.text_out else 2, dim=1)
+        text_mod = self.text_adaLN_modulation(text_c)
+        if layout is not None and layout.text_index is not None:
+            text_mod = text_mod[:, layout.text_index]
+        text_mod = text_mod.chunk(6 if self.text_out else 2, dim=-1)
         h = self.norm1(x)
-        a, ta = self.attn(modulate(h, shift_a, scale_a), modulate(self.norm1(text), *text_mod[:2]), attn_mask)
-        x = torch.addcmul(x, gate_a.unsqueeze(1), a)
+        a, ta = self.attn(modulate(h, shift_a, scale_a), modulate(self.norm1(text), *text_mod[:2]), attn_mask,
+                          layout)
+        x = torch.addcmul(x, per_token(gate_a), a)
         if self.attn2 is not None:
             shift_2, scale_2, gate_2 = mod[6:]
-            x = torch.addcmul(x, gate_2.unsqueeze(1), self.attn2(modulate(h, shift_2, scale_2)))
-        x = torch.addcmul(x, gate_m.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift_m, scale_m)))
+            x = torch.addcmul(x, per_token(gate_2), self.attn2(modulate(h, shift_2, scale_2)))
+        x = torch.addcmul(x, per_token(gate_m), self.mlp(modulate(self.norm2(x), shift_m, scale_m)))
         if ta is None:
             return x, None
         gate_ta, shift_tm, scale_tm, gate_tm = text_mod[2:]
-        text = torch.addcmul(text, gate_ta.unsqueeze(1), ta)
-        text = torch.addcmul(text, gate_tm.unsqueeze(1), self.text_mlp(modulate(self.norm2(text), shift_tm, scale_tm)))
+        text = torch.addcmul(text, per_token(gate_ta), ta)
+        text = torch.addcmul(text, per_token(gate_tm),
+                             self.text_mlp(modulate(self.norm2(text), shift_tm, scale_tm)))
         return x, text

@@ -1,16 +1,18 @@
-"""The config of the text-conditioned image models: `MMDiT` (SD3's joint attention, model.arch = "mmdit") and
+"""The configs of the text-conditioned models: `MMDiT` (SD3's joint attention, model.arch = "mmdit") and
 `CrossDiT` (PixArt-style cross-attention, model.arch = "crossdit"), which share every size field so the two can be
-compared at the same budget."""
+compared at the same budget, and `VideoDiT` (model.arch = "video"), MMDiT's fields plus time."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
-TEXT_ARCHS = ("mmdit", "crossdit")
+TEXT_ARCHS = ("mmdit", "crossdit", "video")
 
 
 @dataclass
 class MMDiTConfig:
-    arch: str = "mmdit"               # "mmdit" (joint attention, SD3) or "crossdit" (cross-attention, PixArt-alpha)
+    arch: str = "mmdit"               # "mmdit" (joint attention, SD3), "crossdit" (cross-attention, PixArt-alpha);
+                                      # "video" is VideoDiTConfig
     input_size: int = 32              # latent height = width of training (the default sampling size)
     frames: int = 1                   # latent frames T; 1 for images
     in_channels: int = 4
@@ -71,3 +73,34 @@ class MMDiTConfig:
         if self.dual_attention_layers and self.arch != "mmdit":
             raise ValueError("model.dual_attention_layers is an MMDiT option (SD3.5 dual attention); "
                              f"model.arch = {self.arch!r} has no joint attention: leave it out")
+
+
+@dataclass
+class VideoDiTConfig(MMDiTConfig):
+    """`VideoDiT` (model.arch = "video"): MMDiT's joint text-image blocks over spacetime patches. The size fields are
+    MMDiT's; `input_size` and `frames` are the latent training size (the default sampling size)."""
+
+    arch: str = "video"
+    frames: int = 8                   # latent frames T of training clips (images are T = 1)
+    temporal_patch: int = 1           # tubelet depth pt: latent frames per token (the patch is pt x p x p)
+    attention: str = "full"           # "full" (joint attention over every frame) or "factorized" (joint attention
+                                      # within each frame, then attention along time per place: Latte/Open-Sora 1.x)
+    positions: str = "sincos"         # "sincos" (2D table + temporal codes, zero at frame 0) or "rope" (3D RoPE)
+
+    def validate(self) -> None:
+        if self.arch != "video":
+            raise ValueError(f"VideoDiTConfig is for model.arch = 'video', got {self.arch!r}")
+        MMDiTConfig.validate(dataclasses.replace(self, arch="mmdit"))
+        if not 1 <= self.temporal_patch <= 64:
+            raise ValueError(f"model.temporal_patch must be in 1..64, got {self.temporal_patch}")
+        if self.frames % self.temporal_patch:
+            raise ValueError(f"model.temporal_patch={self.temporal_patch} does not divide model.frames={self.frames}")
+        for name, allowed in (("attention", ("full", "factorized")), ("positions", ("sincos", "rope"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.{name} must be one of {', '.join(map(repr, allowed))}, "
+                                 f"got {getattr(self, name)!r}")
+        if self.positions == "rope" and self.hidden_size // self.num_heads < 8:
+            raise ValueError(f"model.positions = 'rope' needs at least 8 features per head, got "
+                             f"{self.hidden_size // self.num_heads}; use fewer heads")
+        if self.dual_attention_layers:
+            raise ValueError("model.dual_attention_layers is an image MMDiT option; a video model has none")

@@ -36,6 +36,13 @@ def check_text_inputs(name: str, config, x, t, text, pooled, text_mask) -> None:
         raise ValueError(f"input {height}x{width} is not divisible by the patch size {p}")
     if t.ndim != 1 or t.shape[0] != b:
         raise ValueError(f"t must have shape ({b},) (one timestep per image, flow time * 1000), got {tuple(t.shape)}")
+    check_text(m, b, text, pooled, text_mask)
+
+
+def check_text(config, b: int, text, pooled, text_mask) -> None:
+    """ValueError naming the argument when text (B, L, text_dim), pooled (B, pooled_dim) or text_mask (B, L) do
+    not fit a batch of b."""
+    m = config
     if text.ndim != 3 or text.shape[0] != b or text.shape[2] != m.text_dim:
         raise ValueError(f"text must have shape ({b}, L, {m.text_dim}) (model.text_dim = {m.text_dim}), "
                          f"got {tuple(text.shape)}")

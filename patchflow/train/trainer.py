@@ -21,6 +21,7 @@ Reliability (docs/reliability.md):
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import math
@@ -38,9 +39,10 @@ import numpy as np
 import torch
 
 from patchflow.config import ConfigError, RunConfig, load_config
-from patchflow.data import ResumableBatchSampler, WithCaptions, build_dataset
+from patchflow.data import (ResumableBatchSampler, WithCaptions, build_dataset, images_config, mix_images,
+                            pixel_shape)
 from patchflow.conditioning import build_conditioning
-from patchflow.flops import measure_matmul_peak, mfu, run_forward_macs
+from patchflow.flops import measure_matmul_peak, mfu_of_macs, run_forward_macs
 from patchflow.flow.objective import objective_for_run
 from patchflow.pipeline import build_model, preview, resolve_device, save_grid
 from patchflow.train import distributed
@@ -157,7 +159,13 @@ class Trainer:
         _seed_everything(t.seed)  # the same initial weights on every process
         if self.codec is None:
             self.dataset = build_dataset(cfg.data, "train", text=cfg.is_text_run)
+            if cfg.data.mix_images:
+                self.dataset = mix_images(self.dataset, build_dataset(images_config(cfg.data), "train", text=True),
+                                          cfg.data.mix_images)
+        self.sizes = self._sizes()
         self.net = build_model(cfg)
+        if t.init_from.strip() and not (resume and latest_checkpoint(self.out) is not None):
+            self._init_from(t.init_from.strip())
         if inflate is not None:  # a video codec starting from an image codec (also on resume: step 0 must match)
             inflate(self.net)
         self.net = self.net.to(self.device)  # the model itself; self.model may be its DDP/FSDP wrapper
@@ -215,6 +223,90 @@ class Trainer:
             dataset = WithCaptions(dataset, build_dataset(cfg.data, "train", text=True))
         self.dataset = dataset if dataset is not None else build_dataset(cfg.data, "train", text=text)
         self.encode = dataset is None
+        if cfg.data.mix_images:  # color-digits images as one-frame clips, through the same codec and cache
+            images_cfg = dataclasses.replace(cfg, data=images_config(cfg.data))
+            images = cached_dataset(images_cfg, self.codec, progress=self.progress and self.main, build=self.main)
+            distributed.barrier(self.dist)
+            if images is None or self.encode:
+                images = build_dataset(images_cfg.data, "train", text=True)
+            else:
+                images = WithCaptions(images, build_dataset(images_cfg.data, "train", text=True))
+            self.dataset = mix_images(self.dataset, images, cfg.data.mix_images)
+
+    def _init_from(self, source: str) -> None:
+        """train.init_from: a run directory's EMA weights (its latest checkpoint's when the run is unfinished) or a
+        .safetensors file, strict; an image MMDiT into a video model through models.video.load_image_weights."""
+        path = Path(source).expanduser()
+        if path.is_dir():
+            ckpt = path / "ema.safetensors"
+            if not ckpt.is_file():
+                latest = latest_checkpoint(path)
+                if latest is None:
+                    raise FileNotFoundError(f"train.init_from = {source!r}: no ema.safetensors and no checkpoint in it")
+                ckpt = latest / "ema.safetensors"
+            path = ckpt
+        weights = load_weights(path)
+        try:
+            if self.cfg.model.arch == "video":  # a video run's weights, or an image MMDiT's (temporal blocks left)
+                from patchflow.models.video import load_image_weights
+
+                load_image_weights(self.net, weights)
+            else:
+                load_into(self.net, weights, source=str(path))
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError(f"train.init_from = {source!r}: {e}") from None
+        if self.main:
+            print(f"initialised from {path}")
+
+    def _sizes(self) -> list[tuple[int, int, int]] | None:
+        """Each item's training size (frames, height, width) in pixels when the run trains on several sizes
+        (data.buckets, or packing of mixed images and clips), the data cut to it; None for one fixed size."""
+        from patchflow.data.buckets import CutClips, assign_sizes, check_buckets, parse_buckets
+
+        cfg, d = self.cfg, self.cfg.data
+        if not d.buckets and not cfg.train.pack_tokens:
+            return None
+        _, frames, size = pixel_shape(d)
+        native = [(frames, size, size)] * (len(self.dataset) - d.mix_images) + [(1, size, size)] * d.mix_images
+        codec = self.codec
+        latent = (lambda s: s) if codec is None else \
+            (lambda s: tuple(codec.latent_shape((1, codec.in_channels or 3, *s))[2:]))
+        sizes = native
+        if d.buckets:
+            buckets = parse_buckets(d.buckets)
+            try:
+                sizes = assign_sizes(native, buckets, seed=d.seed)
+                check_buckets(buckets, sizes, patch=(cfg.model.temporal_patch, cfg.model.patch_size,
+                                                     cfg.model.patch_size), latent=latent,
+                              codec_ok=None if codec is None else (lambda s: codec.frames_ok(s[0])),
+                              world=1 if cfg.train.pack_tokens else self.dist.world)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        cut = [latent(s)[0] for s in sizes]
+        if any(f != latent(n)[0] for f, n in zip(cut, native)):
+            self.dataset = CutClips(self.dataset, cut)
+        return sizes
+
+    def _batch_sampler(self):
+        """Dense batches of one size (ResumableBatchSampler), one bucket's size per batch (BucketBatchSampler), or
+        packs of any sizes under train.pack_tokens image tokens (PackedBatchSampler)."""
+        from patchflow.data.buckets import BucketBatchSampler, PackedBatchSampler, parse_buckets
+
+        t, start = self.cfg.train, self.step * self.cfg.train.grad_accum
+        if self.sizes is None:
+            return ResumableBatchSampler(len(self.dataset), t.batch_size, seed=t.seed, start=start,
+                                         shard=self.dist.shard)
+        if t.pack_tokens:
+            tokens = [self.item_tokens(s) for s in self.sizes]
+            return PackedBatchSampler(tokens, t.pack_tokens, seed=t.seed, start=start, shard=self.dist.shard)
+        return BucketBatchSampler(self.sizes, parse_buckets(self.cfg.data.buckets), seed=t.seed, start=start,
+                                  shard=self.dist.shard)
+
+    def item_tokens(self, size) -> int:
+        """Image tokens of an item of pixel size (T, H, W)."""
+        m, codec = self.cfg.model, self.codec
+        t, h, w = size if codec is None else codec.latent_shape((1, codec.in_channels or 3, *size))[2:]
+        return (t // getattr(m, "temporal_patch", 1)) * (h // m.patch_size) * (w // m.patch_size)
 
     def _text_cache(self):
         """A text run's frozen encoder, behind its embedding cache unless text.cache = "off": the main process
@@ -350,12 +442,30 @@ class Trainer:
         self._sampler_model.load_state_dict(ema_sd)
         images, nrow = preview(self._sampler_model, self.cfg, self.codec, device=self.device,
                                conditioning=self.conditioning)
-        path = self.out / "samples" / f"step_{self.step:07d}.png"
+        path = self.out / "samples" / f"step_{self.step:07d}{'.gif' if images.ndim == 5 else '.png'}"
         path.parent.mkdir(exist_ok=True)
         save_grid(images, path, nrow=nrow)
         return path
 
     # ---- loop --------------------------------------------------------------------------------
+    def _macs_of(self, shape: tuple) -> int:
+        """Forward MACs of one item of this (C, T, H, W) model-input shape: the run's figure at the training size;
+        other sizes (a video run's images and shorter clips) scaled by their tokens, prompt tokens included (the
+        attention's quadratic share is small at these lengths). No forward pass: under FSDP every process would
+        have to run it together."""
+        if shape not in self._macs:
+            m = self.cfg.model
+            if self.cfg.model.arch != "video" or len(shape) != 4:
+                self._macs[shape] = self.forward_macs
+            else:
+                from patchflow.models import TEXT_TOKENS
+
+                tokens = lambda t, h, w: t // m.temporal_patch * (h // m.patch_size) * (w // m.patch_size)  # noqa
+                ratio = (tokens(*shape[1:]) + TEXT_TOKENS) / (tokens(m.frames, m.input_size, m.input_size)
+                                                              + TEXT_TOKENS)
+                self._macs[shape] = round(self.forward_macs * ratio)
+        return self._macs[shape]
+
     def train_step(self, batches) -> tuple[float, float, bool]:
         """One optimizer step; returns (loss, grad norm, finite). A non-finite step updates nothing but counters."""
         t = self.cfg.train
@@ -365,9 +475,17 @@ class Trainer:
         total = 0.0
         for i in range(t.grad_accum):
             x0, y = next(batches)  # y: labels or captions; the conditioning step moves them
-            x0 = x0.to(self.device, non_blocking=True)
-            if self.encode:  # pixels -> latents (a latent cache makes this a no-op)
-                x0 = self.codec.encode(x0)
+            if isinstance(x0, list):  # a pack of differently sized clips
+                x0 = [x.to(self.device, non_blocking=True) for x in x0]
+                if self.encode:
+                    x0 = [self.codec.encode(x[None])[0] for x in x0]
+            else:
+                x0 = x0.to(self.device, non_blocking=True)
+                if self.encode:  # pixels -> latents (a latent cache makes this a no-op)
+                    x0 = self.codec.encode(x0)
+            self.items += len(x0)
+            self.macs += sum(self._macs_of(tuple(x.shape)) for x in x0) if isinstance(x0, list) else \
+                len(x0) * self._macs_of(tuple(x0.shape[1:]))
             cond = self.conditioning.train(y, self.generator, self.dist.shard)
             # gradients are reduced across processes once, in the last micro-batch's backward
             with distributed.grad_sync(self.model, sync=i == t.grad_accum - 1):
@@ -401,9 +519,12 @@ class Trainer:
 
     def fit(self) -> Path:
         t = self.cfg.train
-        sampler = ResumableBatchSampler(len(self.dataset), t.batch_size, seed=t.seed, start=self.step * t.grad_accum,
-                                        shard=self.dist.shard)
+        from patchflow.data.buckets import collate_list
+
+        sampler = self._batch_sampler()
+        packed = self.cfg.train.pack_tokens > 0
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
+                                             collate_fn=collate_list if packed else None,
                                              pin_memory=self.device.type == "cuda", worker_init_fn=_ignore_sigterm,
                                              # its own generator (per process): iter() must not draw from the
                                              # global RNG, and workers get per-process seeds
@@ -418,7 +539,8 @@ class Trainer:
         if self.progress and self.main:
             from tqdm.auto import tqdm
             bar = tqdm(total=t.steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
-        images_per_step = t.batch_size * t.grad_accum
+        self._macs = {}  # forward MACs per item shape (a video run's images and clips differ)
+        self.items = self.macs = 0
         window_start, window_steps, window_losses = time.perf_counter(), 0, []
         sigterm = []  # the handler only records the signal; the loop stops at a step boundary
         handles = threading.current_thread() is threading.main_thread()  # Python allows handlers only there
@@ -434,11 +556,13 @@ class Trainer:
                     bar.update(1)
                 if self.step % t.log_every == 0 or self.step == t.steps or not finite:  # skipped steps always logged
                     elapsed = time.perf_counter() - window_start
-                    rate = images_per_step * window_steps / max(elapsed, 1e-9)
+                    rate = self.items * self.dist.world / max(elapsed, 1e-9)  # items (images or clips) per second
+                    macs_per_s = self.macs * self.dist.world / max(elapsed, 1e-9)
                     avg = sum(window_losses) / len(window_losses) if window_losses else None
                     record = {"step": self.step, "loss": _finite_or_none(loss), "loss_avg": avg,
                               "grad_norm": _finite_or_none(grad_norm), "lr": self.sched.get_last_lr()[0],
-                              "images_per_s": rate, "mfu": mfu(rate, self.forward_macs, self.peak_flops * self.dist.world),
+                              "images_per_s": rate, "steps_per_s": window_steps / max(elapsed, 1e-9),
+                              "mfu": mfu_of_macs(macs_per_s, self.peak_flops * self.dist.world),
                               "bad_steps": self.bad_steps}
                     if not finite:
                         record["skipped"] = True
@@ -449,6 +573,7 @@ class Trainer:
                     if bar is not None and avg is not None:
                         bar.set_postfix(loss=f"{avg:.4f}", img_s=f"{rate:.0f}", mfu=f"{100 * record['mfu']:.0f}%")
                     window_start, window_steps, window_losses = time.perf_counter(), 0, []
+                    self.items = self.macs = 0
                 if self.bad_streak >= t.max_bad_steps:
                     raise self._too_many_bad_steps()
                 # every step, so all processes stop at the same one (each may get SIGTERM at a different time)
@@ -463,6 +588,7 @@ class Trainer:
                     with self._stop_on_os_error(f"samples in {self.out / 'samples'}"):
                         self.write_samples()
                     window_start = time.perf_counter()  # sampling time is not training throughput
+                    self.items = self.macs = 0
             distributed.barrier(self.dist)  # all collectives are done everywhere before any process closes the group
         finally:
             if handles:  # None: the previous handler was not set from Python
