@@ -2,6 +2,7 @@
 
     python bench/video_step.py attention [--batch 32] [--steps 8] [--threads 2]
     python bench/video_step.py packing [--steps 8] [--threads 2]
+    python bench/video_step.py inputs [--batch 32] [--steps 8] [--threads 2]
 
 Shapes are the moving-digits preset's: latents (8, T, 8, 8), patch 1x2x2, hidden 256, depth 6, 14 prompt tokens,
 bf16 autocast, AdamW. Each mode runs in its own fresh process (so peak memory is that mode's alone), warms up for
@@ -10,10 +11,14 @@ bf16 autocast, AdamW. Each mode runs in its own fresh process (so peak memory is
 `attention`: full spacetime attention vs factorized (per-frame joint attention + temporal blocks) on batches of
 8-frame clips: ms/step and clips/s.
 
-`packing`: one mixed batch of 8 clips of 8 frames, 8 clips of 4 frames and 32 images (one-frame clips), 1,536 real
+`packing`: one mixed batch of 8 clips of 8 frames, 8 clips of 4 frames and 32 images (one-frame clips), 2,048 real
 image tokens in all. "packed": one sequence with a block-diagonal mask (VideoDiT's list input); "padded": every item
-zero-padded to 8 frames in one dense batch (the compute a padding trainer spends; 3,072 tokens); "buckets": three
+zero-padded to 8 frames in one dense batch (the compute a padding trainer spends; 6,144 tokens); "buckets": three
 dense batches, one per size (Open-Sora's buckets: no waste, three small steps). Reported: real tokens/s and peak RSS.
+
+`inputs`: what the model sees for one moving-digits clip: per-frame latents of codec-color-digits (8 x 8x8x8,
+patch 1x2x2: 128 tokens), the causal codec-moving-digits latents of a 9-frame clip (5 x 8x8x8: 80 tokens), or
+pixels (8 x 32x32x3, patch 1x4x4: 512 tokens); ms/step and clips/s at the same model width and depth.
 """
 from __future__ import annotations
 
@@ -33,9 +38,14 @@ from patchflow.models.video import VideoDiT
 TEXT = 14
 
 
-def model(attention: str) -> VideoDiT:
-    return VideoDiT(VideoDiTConfig(input_size=8, frames=8, in_channels=8, patch_size=2, hidden_size=256, depth=6,
-                                   num_heads=4, text_dim=384, pooled_dim=384, attention=attention))
+INPUTS = {"per-frame": dict(input_size=8, frames=8, in_channels=8, patch_size=2),  # (C, T, H, W) = (8, 8, 8, 8)
+          "causal": dict(input_size=8, frames=5, in_channels=8, patch_size=2),
+          "pixels": dict(input_size=32, frames=8, in_channels=3, patch_size=4)}
+
+
+def model(attention: str, inputs: str = "per-frame") -> VideoDiT:
+    return VideoDiT(VideoDiTConfig(**INPUTS[inputs], hidden_size=256, depth=6, num_heads=4, text_dim=384,
+                                   pooled_dim=384, attention=attention))
 
 
 def timed(step, steps: int) -> float:
@@ -52,7 +62,7 @@ def timed(step, steps: int) -> float:
 def run_mode(mode: str, args) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    net = model("factorized" if mode == "factorized" else "full")
+    net = model("factorized" if mode == "factorized" else "full", mode if mode in INPUTS else "per-frame")
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
 
     def update(loss):
@@ -61,9 +71,9 @@ def run_mode(mode: str, args) -> dict:
         opt.zero_grad(set_to_none=True)
 
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
-    if mode in ("full", "factorized"):
-        b = args.batch
-        x, t = torch.randn(b, 8, 8, 8, 8), torch.rand(b) * 1000
+    if mode in ("full", "factorized", *INPUTS):
+        b, c = args.batch, net.config
+        x, t = torch.randn(b, c.in_channels, c.frames, c.input_size, c.input_size), torch.rand(b) * 1000
         text, pooled = torch.randn(b, TEXT, 384), torch.randn(b, 384)
 
         def step():
@@ -108,7 +118,7 @@ def run_mode(mode: str, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["attention", "packing"])
+    p.add_argument("what", choices=["attention", "packing", "inputs"])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
@@ -117,7 +127,8 @@ def main() -> None:
     if args.mode:
         print(json.dumps(run_mode(args.mode, args)))
         return
-    modes = ("full", "factorized") if args.what == "attention" else ("packed", "padded", "buckets")
+    modes = {"attention": ("full", "factorized"), "packing": ("packed", "padded", "buckets"),
+             "inputs": tuple(INPUTS)}[args.what]
     for mode in modes:
         cmd = [sys.executable, __file__, args.what, "--mode", mode, "--batch", str(args.batch), "--steps",
                str(args.steps), "--threads", str(args.threads)]

@@ -55,7 +55,8 @@ import numpy as np
 import torch
 
 from patchflow.data.moving_digits import SPEEDS, MovingDigitsDataset, parse_caption
-from patchflow.evaluate.prompts import BOX_INK, Reading, ink_weights, load_prompted_npz, read_images
+from patchflow.evaluate.prompts import (BOX_INK, Reading, ink_weights, load_prompted_npz, parse_prompts,
+                                        read_images)
 
 __all__ = ["score_clips", "score_npz", "held_out_prompts", "real_reference", "format_report", "read_clips",
            "score_first_frame", "ClipReport", "ClipRecord", "ClipReading", "FirstFrameScore", "RATES", "MOTION"]
@@ -262,13 +263,7 @@ def score_clips(clips, prompts, classifier=None) -> ClipReport:
     prompts = [str(p) for p in prompts]
     if len(prompts) != len(clips):
         raise ValueError(f"{len(clips)} clips but {len(prompts)} prompts; give one prompt per clip")
-    asked: list[dict | None] = []
-    for p in prompts:
-        try:
-            asked.append(parse_caption(p))
-        except ValueError:
-            asked.append(None)
-    parsed = [k for k, a in enumerate(asked) if a is not None]
+    asked, parsed = parse_prompts(prompts, parse_caption)
     seen = dict(zip(parsed, read_clips([clips[k] for k in parsed], classifier) if parsed else []))
     records = [ClipRecord(k, p, asked[k], seen.get(k), _judge(asked[k], seen[k]) if k in seen else {})
                for k, p in enumerate(prompts)]

@@ -41,7 +41,7 @@ from PIL import Image
 from patchflow.data.color_digits import ColorDigitsDataset, parse_caption
 from patchflow.data.worlds import COLORS
 
-__all__ = ["score", "score_npz", "load_prompted_npz", "held_out_prompts", "real_reference", "format_report", "read_images",
+__all__ = ["score", "score_npz", "load_prompted_npz", "parse_prompts", "held_out_prompts", "real_reference", "format_report", "read_images",
            "ink_weights", "PromptReport", "Reading", "SampleRecord", "ATTRIBUTES", "KINDS"]
 
 ATTRIBUTES = ("digit", "number", "color", "background", "position", "all")
@@ -269,6 +269,17 @@ def _judge(asked: dict, seen: Reading) -> dict[str, bool]:
     return correct
 
 
+def parse_prompts(prompts: list[str], parse) -> tuple[list[dict | None], list[int]]:
+    """(each prompt's attributes by `parse`, None outside the grammar; the indices of the parsed ones)."""
+    asked: list[dict | None] = []
+    for p in prompts:
+        try:
+            asked.append(parse(p))
+        except ValueError:
+            asked.append(None)
+    return asked, [k for k, a in enumerate(asked) if a is not None]
+
+
 def score(images: np.ndarray, prompts: list[str], classifier=None) -> PromptReport:
     """Score uint8 (N, 32, 32, 3) images against the N prompts they were generated from.
 
@@ -279,13 +290,7 @@ def score(images: np.ndarray, prompts: list[str], classifier=None) -> PromptRepo
     prompts = list(prompts)
     if len(prompts) != len(images):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts; give one prompt per image")
-    asked: list[dict | None] = []
-    for p in prompts:
-        try:
-            asked.append(parse_caption(p))
-        except ValueError:
-            asked.append(None)
-    parsed = [k for k, a in enumerate(asked) if a is not None]
+    asked, parsed = parse_prompts(prompts, parse_caption)
     readings = read_images(images[parsed], [len(asked[k]["digits"]) for k in parsed], classifier)
     seen: dict[int, Reading] = dict(zip(parsed, readings))
     records = [SampleRecord(k, p, asked[k], seen.get(k), _judge(asked[k], seen[k]) if k in seen else {})
