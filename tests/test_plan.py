@@ -72,3 +72,14 @@ def test_plan_cli(capsys):
     out = capsys.readouterr().out
     assert "118.62 GMACs" in out and "largest batch in 80.0 GiB" in out
     assert main(["plan", "digits", "--memory", "a lot"]) == 2
+
+
+def test_plan_of_a_video_preset_counts_its_spacetime_tokens(capsys):
+    """The moving-digits VideoDiT: 8 frames x 4x4 patches; the count goes through the model on meta tensors."""
+    assert main(["plan", "moving-digits", "--batch", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "model: VIDEO" in out and "latent 8x8x8x8" in out and "13,825,760" in out
+    one_frame = main(["plan", "moving-digits", "--set", "model.frames=1", "--batch", "8"])
+    out1 = capsys.readouterr().out
+    gmacs = [float(o.split("forward per sample: ")[1].split(" GMACs")[0]) for o in (out, out1)]
+    assert one_frame == 0 and 4 < gmacs[0] / gmacs[1] < 6  # 128 + 16 prompt tokens vs 16 + 16, and attention

@@ -130,7 +130,7 @@ class VideoDiT(nn.Module):
         tokens, angles = self._embed(x, grid)
         pooled_c = self.pooled_embedder(pooled)
         times = self._frame_times(t, grid[0], b)  # (B, T'), checked
-        if bool((times != times[:, :1]).any()):  # one condition row per token frame
+        if t.ndim == 2 and bool((times != times[:, :1]).any()):  # one condition row per token frame
             c = self.t_embedder(times.reshape(-1)).view(b, grid[0], -1) + pooled_c[:, None]
             text_c = self.t_embedder(times.amax(1)) + pooled_c
             index = torch.arange(grid[0], device=x.device).repeat_interleave(grid[1] * grid[2])
