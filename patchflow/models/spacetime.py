@@ -4,8 +4,9 @@ packing of differently sized samples into one sequence with a block-diagonal mas
 A `Layout` describes one forward's tokens: which condition row (sample, frame) each image token takes its adaLN
 modulation from, which text tokens belong to which sample, the rotary angles of the image tokens, and who attends
 to whom. The joint blocks ask it to mix queries, keys and values; the temporal blocks ask it to mix frames.
-Attention is PyTorch's: `scaled_dot_product_attention` (with a boolean mask where samples are packed), or
-`flex_attention` with a block mask on CUDA, which skips the blocks a packed mask leaves empty.
+Attention is PyTorch's: `scaled_dot_product_attention`; where samples are packed, `flex_attention` with a block
+mask on CUDA (it skips the blocks the mask leaves empty), and elsewhere one SDPA call per sample on slices of the
+packed sequence (full attention) or SDPA with a boolean mask (factorized attention).
 """
 from __future__ import annotations
 
@@ -129,6 +130,7 @@ class Layout:
     joint_mask: object = None
     image_rows_mask: object = None  # joint_mask's image query rows: the last block has no text queries
     temporal_mask: object = None
+    segments: list | None = None  # packed full attention on CPUs: (image slice, text slice) of every sample
     factorized: bool = False
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,6 +140,8 @@ class Layout:
         """Joint attention of image (B, N, H, hd) and text (B, L, H, hd) streams (tq None: no text queries).
         Returns the image (B, N, D) and text (B, L, D) outputs (text None without text queries)."""
         n = q.shape[1]
+        if self.segments is not None:  # packed, without a block-sparse kernel: each sample's attention alone
+            return _segment_joint(self.segments, q, k, v, tq, tk, tv)
         if self.joint_mask is not None:  # packed: one sequence, a block-diagonal mask
             out = _sdpa(torch.cat([q, tq], 1) if tq is not None else q, torch.cat([k, tk], 1), torch.cat([v, tv], 1),
                         self.joint_mask if tq is not None else self.image_rows_mask)
@@ -173,6 +177,22 @@ class Layout:
         along_time = lambda z: z.reshape(b, t, p, *z.shape[2:]).transpose(1, 2).reshape(b * p, t, *z.shape[2:])  # noqa
         out = _sdpa(along_time(q), along_time(k), along_time(v))
         return out.reshape(b, p, t, -1).transpose(1, 2).reshape(b, t * p, -1)
+
+
+def _segment_joint(segments, q, k, v, tq, tk, tv):
+    """Packed joint attention as one small attention per sample (varlen attention by slicing): the linear layers ran
+    on the packed sequence, and no query meets another sample's keys, so nothing is computed and masked away.
+    q, k, v: (1, N, H, hd) image streams; tq (or None), tk, tv: (1, L, H, hd) text streams."""
+    image, text = torch.empty_like(q), None if tq is None else torch.empty_like(tq)
+    for img, txt in segments:
+        keys, values = torch.cat([k[:, img], tk[:, txt]], 1), torch.cat([v[:, img], tv[:, txt]], 1)
+        queries = q[:, img] if tq is None else torch.cat([q[:, img], tq[:, txt]], 1)
+        out = _sdpa(queries, keys, values)
+        n = img.stop - img.start
+        image[:, img] = out[:, :n]
+        if tq is not None:
+            text[:, txt] = out[:, n:]
+    return image.flatten(2), None if text is None else text.flatten(2)
 
 
 class TemporalBlock(nn.Module):

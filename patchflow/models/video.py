@@ -58,7 +58,9 @@ class VideoDiT(nn.Module):
         self.final_layer = FinalLayer(d, pt * p * p * config.out_channels)
         self.checkpoint_every = 0  # activation checkpointing: 0 none, 1 every block, k every k-th block
         self.compiled = False
-        self.block_masks = None  # packed attention: None = flex_attention block masks on CUDA, SDPA masks elsewhere
+        # packed attention: None = flex_attention block masks on CUDA; elsewhere one attention per sample (full
+        # attention) or SDPA with a dense mask (factorized); True / False force block masks / the CPU paths
+        self.block_masks = None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -206,12 +208,21 @@ class VideoDiT(nn.Module):
 
         c = torch.cat(rows)[None]
         block = self.block_masks
-        layout = Layout(index=torch.cat(index), text_c=text_rows[None], text_index=txt_ids[0],
-                        angles=torch.cat(angles) if angles else None,
-                        joint_mask=dense_or_block_mask(joint, all_ids, all_ids, block),
-                        image_rows_mask=dense_or_block_mask(joint, img_ids, all_ids, block),
-                        temporal_mask=dense_or_block_mask(lambda q, k: q[2] == k[2], img_ids, img_ids, block)
-                        if factorized else None)
+        if not factorized and (block is False or (block is None and device.type != "cuda")):
+            # no block-sparse kernel: full attention sample by sample (a dense mask would be quadratic in the pack)
+            image_ends = torch.tensor([g[0] * g[1] * g[2] for g in grids]).cumsum(0).tolist()
+            text_ends = torch.tensor([len(x) for x in texts]).cumsum(0).tolist()
+            segments = [(slice(a, b), slice(ta, tb)) for a, b, ta, tb in
+                        zip([0] + image_ends[:-1], image_ends, [0] + text_ends[:-1], text_ends)]
+            layout = Layout(index=torch.cat(index), text_c=text_rows[None], text_index=txt_ids[0],
+                            angles=torch.cat(angles) if angles else None, segments=segments)
+        else:
+            layout = Layout(index=torch.cat(index), text_c=text_rows[None], text_index=txt_ids[0],
+                            angles=torch.cat(angles) if angles else None,
+                            joint_mask=dense_or_block_mask(joint, all_ids, all_ids, block),
+                            image_rows_mask=dense_or_block_mask(joint, img_ids, all_ids, block),
+                            temporal_mask=dense_or_block_mask(lambda q, k: q[2] == k[2], img_ids, img_ids, block)
+                            if factorized else None)
         out = self._blocks(torch.cat(tokens)[None], self.text_embedder(torch.cat(texts))[None], c, layout)
         out = self.final_layer(out, c, layout.index)[0]
         sizes = [g[0] * g[1] * g[2] for g in grids]
