@@ -5,9 +5,6 @@ A tiny MMDiT (and CrossDiT) on a 40-image captions file (16x16 RGB squares), the
 import json
 import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,12 +14,10 @@ from safetensors.torch import load_file
 
 from patchflow.config import ConfigError, load_config
 from patchflow.pipeline import Pipeline
-from patchflow.train.checkpoint import latest_checkpoint
 from patchflow.train.trainer import train
 
-from run_helpers import cli, read_log
+from run_helpers import cli, kill_9_then_resume, read_log
 
-REPO = Path(__file__).resolve().parents[1]
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
 STEPS = 12
 
@@ -173,33 +168,8 @@ def test_class_arch_on_captions_and_text_arch_on_labels_are_config_errors(captio
 
 
 # ---- kill -9 and exact resume of a text run ---------------------------------------------------------------
-def _launch(out, captions, logfile, resume, cache):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PATCHFLOW_CACHE=str(cache))
-    config = cache.parent / "t2i.toml"
-    config.write_text(load_config(None, text_sets(captions)).to_toml())
-    args = ["train", str(config), "--out", str(out), "--quiet"]
-    return subprocess.Popen([sys.executable, "-m", "patchflow", *args] + (["--resume"] if resume else []),
-                            cwd=REPO, env=env, stdout=logfile, stderr=subprocess.STDOUT)
-
-
 def test_kill_9_then_resume_of_a_text_run_is_bitwise_exact(text_run, captions, tmp_path):
-    import time
-
-    out, log, cache = tmp_path / "run", tmp_path / "run" / "log.jsonl", tmp_path / "cache"
-    with open(tmp_path / "stdout.txt", "w") as f:
-        proc = _launch(out, captions, f, resume=False, cache=cache)
-        deadline = time.monotonic() + 120
-        while not (log.is_file() and log.read_bytes().count(b"\n") >= 6):  # past the first checkpoint (step 4)
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stdout.txt").read_text()
-            time.sleep(0.005)
-        proc.kill()
-        proc.wait()
-        assert latest_checkpoint(out) is not None
-        assert _launch(out, captions, f, resume=True, cache=cache).wait(timeout=180) == 0
-    assert [(r["step"], r["loss"]) for r in read_log(out)] == [(r["step"], r["loss"]) for r in read_log(text_run)]
-    for name in ("model.safetensors", "ema.safetensors"):
-        a, b = load_file(str(out / name)), load_file(str(text_run / name))
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    kill_9_then_resume(load_config(None, text_sets(captions)), tmp_path, text_run)
 
 
 @pytest.mark.parametrize("make,message", [

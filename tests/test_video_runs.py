@@ -2,8 +2,6 @@
 Python pipeline, exact resume after kill -9. A tiny VideoDiT on 4-frame moving-digits clips in pixels (patch 8),
 the real MiniLM encoder (no embedding cache), one thread."""
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +14,10 @@ from patchflow.clip_files import read_clip, write_clip
 from patchflow.config import ConfigError, load_config
 from patchflow.data.moving_digits import MovingDigitsDataset
 from patchflow.pipeline import Pipeline
-from patchflow.train.checkpoint import latest_checkpoint
 from patchflow.train.trainer import train
 
-from run_helpers import cli, read_log
+from run_helpers import cli, kill_9_then_resume, read_log
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
 PROMPT = "a red 7 moving left on a black background"
 
@@ -253,33 +249,8 @@ def test_video_settings_on_an_image_model_are_config_errors():
 
 
 # ---- kill -9 and exact resume of a bucketed, packed video run ---------------------------------------------
-def _launch(out, logfile, resume, cache, sets):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PATCHFLOW_CACHE=str(cache))
-    config = cache.parent / "t2v.toml"
-    config.write_text(load_config(None, video_sets(*sets)).to_toml())
-    args = ["train", str(config), "--out", str(out), "--quiet"]
-    return subprocess.Popen([sys.executable, "-m", "patchflow", *args] + (["--resume"] if resume else []),
-                            cwd=REPO, env=env, stdout=logfile, stderr=subprocess.STDOUT)
-
-
 @pytest.mark.parametrize("kind", ["packed", "bucketed"])
 def test_kill_9_then_resume_of_a_video_run_is_bitwise_exact(kind, request, tmp_path):
-    import time
-
     reference = request.getfixturevalue(f"{kind}_run")
-    sets = PACKED if kind == "packed" else BUCKETED
-    out, log, cache = tmp_path / "run", tmp_path / "run" / "log.jsonl", tmp_path / "cache"
-    with open(tmp_path / "stdout.txt", "w") as f:
-        proc = _launch(out, f, resume=False, cache=cache, sets=sets)
-        deadline = time.monotonic() + 180
-        while not (log.is_file() and log.read_bytes().count(b"\n") >= 6):  # past the first checkpoint (step 4)
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stdout.txt").read_text()
-            time.sleep(0.005)
-        proc.kill()
-        proc.wait()
-        assert latest_checkpoint(out) is not None
-        assert _launch(out, f, resume=True, cache=cache, sets=sets).wait(timeout=240) == 0
-    assert [(r["step"], r["loss"]) for r in read_log(out)] == [(r["step"], r["loss"]) for r in read_log(reference)]
-    for name in ("model.safetensors", "ema.safetensors"):
-        a, b = load_file(str(out / name)), load_file(str(reference / name))
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    cfg = load_config(None, video_sets(*(PACKED if kind == "packed" else BUCKETED)))
+    kill_9_then_resume(cfg, tmp_path, reference, start_timeout=180, resume_timeout=240)
