@@ -1,4 +1,4 @@
-"""`patchflow train | sample | eval | cache | convert | plan | demo`."""
+"""`patchflow train | sample | eval | cache | convert | plan | demo | serve | report`."""
 from __future__ import annotations
 
 import argparse
@@ -159,15 +159,16 @@ VIDEO_FLAGS = (("--frames", "frames"), ("--first-frame", "first_frame"), ("--ext
 def _check_video_flags(args, cfg, out: Path) -> None:
     """The video flags against the run and --out, before the model is loaded."""
     video = cfg.model.arch == "video"
+    clips = video or cfg.model.frames > 1  # a class-conditional DiT on clips samples clips too
     used = [flag for flag, key in VIDEO_FLAGS if getattr(args, key, None) is not None]
     if args.strength is not None:
         used.append("--strength")
     if used and not video:
-        raise ValueError(f"{used[0]} is for video runs (model.arch = \"video\"); {args.run_dir} makes images")
-    suffixes = (".gif", ".mp4", ".npz", ".png") if video else (".png", ".npz")
+        raise ValueError(f"{used[0]} is for video runs (model.arch = \"video\"); {args.run_dir} is not one")
+    suffixes = (".gif", ".mp4", ".npz", ".png") if clips else (".png", ".npz")
     if out.suffix.lower() not in suffixes:
-        kinds = ".gif or .mp4 (a clip, or a grid of clips), .npz (videos (N,T,H,W,3) and prompts) or .png (one row " \
-                "of frames per clip)" if video else ".png (a grid) or .npz (arrays)"
+        kinds = ".gif or .mp4 (a clip, or a grid of clips), .npz (videos (N,T,H,W,3) and prompts or labels) or " \
+                ".png (one row of frames per clip)" if clips else ".png (a grid) or .npz (arrays)"
         raise ValueError(f"--out must end in {kinds}, got {out.name!r}")
     if not video:
         return
@@ -222,12 +223,14 @@ def cmd_sample(args) -> None:
 
 
 def _write_clips(out: Path, clips: np.ndarray, prompts) -> None:
-    """.npz: videos + prompts; .gif/.mp4: the clip, or a grid of clips (4 across); .png: a row of frames per clip."""
+    """.npz: videos + prompts (or labels (N,) for a class run); .gif/.mp4: the clip, or a grid of clips (4 across); .png: a row of frames per clip."""
     from patchflow.clip_files import write_clip, write_clips_npz
     from patchflow.pipeline import save_grid
 
     suffix = out.suffix.lower()
-    if suffix == ".npz":
+    if suffix == ".npz" and isinstance(prompts, np.ndarray):  # a class run's labels
+        write_clips_npz(out, clips, labels=prompts.astype(np.int64))
+    elif suffix == ".npz":
         write_clips_npz(out, clips, prompts=list(prompts))
     elif suffix == ".png":
         save_grid(clips.reshape(-1, *clips.shape[2:]), out, nrow=clips.shape[1])
@@ -433,7 +436,7 @@ def cmd_convert(args) -> None:
 
 def cmd_cache(args) -> None:
     from patchflow.config import ConfigError, load_config
-    from patchflow.data.latent_cache import CacheError, build_cache, check_cache, default_cache_dir
+    from patchflow.data.latent_cache import CacheError, build_cache, check_cache, default_cache_dir, shapes_text
     from patchflow.train.codec import check_model_codec, ensure_codec
 
     cfg = load_config(args.config, args.set)
@@ -456,14 +459,14 @@ def cmd_cache(args) -> None:
         try:
             meta = check_cache(directory, cfg.data, codec.identity())
             print(f"latent cache {directory} is up to date ({meta['items']} items, latents "
-                  f"{tuple(meta['latent_shape'])}); --force rebuilds it")
+                  f"{shapes_text(meta)}); --force rebuilds it")
             return
         except CacheError as e:
             print(f"rebuilding: {e}")
     t0 = time.perf_counter()
     build_cache(directory, cfg.data, codec, progress=not args.quiet)
     meta = check_cache(directory, cfg.data, codec.identity())
-    print(f"wrote {meta['items']} latents {tuple(meta['latent_shape'])} of {cfg.data.dataset} to {directory} in "
+    print(f"wrote {meta['items']} latents {shapes_text(meta)} of {cfg.data.dataset} to {directory} in "
           f"{time.perf_counter() - t0:.1f}s")
     if setting == "off":
         print("note: this config has codec.cache = \"off\"; set codec.cache = \"auto\" or the folder to use it")
@@ -596,6 +599,20 @@ def _demo_moving_digits(args) -> None:
     print(f"done in {time.perf_counter() - t0:.0f}s")
 
 
+def cmd_serve(args) -> None:
+    from patchflow.serve import serve
+
+    serve(args.runs, host=args.host, port=args.port, device=args.device, max_queue=args.max_queue,
+          use_ema=not args.no_ema)
+
+
+def cmd_report(args) -> None:
+    from patchflow.report import write_report
+
+    path = write_report(args.run_dir, args.out)
+    print(f"report written to {path}")
+
+
 def _add_sampling_flags(p) -> None:
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = none)")
@@ -691,6 +708,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("serve", help="a local web studio and HTTP API (POST /api/generate) over one or more runs")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories to serve (the page offers a choice)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-queue", type=int, default=32, help="requests waiting at most; more get 503 (try later)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("report", help="one self-contained HTML page of a run: curves, samples, eval, config")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="HTML file to write (default RUN/report.html)")
+    p.set_defaults(fn=cmd_report)
     return parser
 
 

@@ -42,6 +42,7 @@ lists the keys it has) or an out-of-range index are ValueError; a missing video 
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 import uuid
@@ -222,10 +223,17 @@ def _gif_frames(frames: np.ndarray) -> list[Image.Image]:
     return out
 
 
-def _write_gif(tmp: Path, frames: np.ndarray, fps: float) -> None:
+def _write_gif(tmp, frames: np.ndarray, fps: float) -> None:
     images = _gif_frames(frames)
     images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], loop=0,
                    duration=max(1, round(1000 / fps)), optimize=False, disposal=1)
+
+
+def gif_bytes(frames, fps: float = 8) -> bytes:
+    """A clip uint8 (T, H, W, 3) as the bytes of a looping GIF (exact colours, as write_clip's)."""
+    buffer = io.BytesIO()
+    _write_gif(buffer, _check_frames(frames), fps)
+    return buffer.getvalue()
 
 
 def _write_mp4(tmp: Path, path: Path, frames: np.ndarray, fps: float, pixel_format: str) -> None:

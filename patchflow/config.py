@@ -71,15 +71,15 @@ class FlowConfig:
 @dataclass
 class DataConfig:
     dataset: str = "digits"               # built in: "digits", "color-digits", "moving-digits"; "folder", "captions"
-                                          # (JSONL), "video" (a folder of clips)
+                                          # (JSONL of images and/or clips with captions), "video" (a folder of clips)
     seed: int = 0                         # seed of the train/validation split
     num_workers: int = 0
     path: str = ""                        # folder / captions .jsonl / video folder; unused by digits
     image_size: int = 32                  # shorter side resized to this, then centre-cropped square
     channels: int = 3                     # 3 (RGB) or 1 (grey); every image is converted to it
-    frames: int = 8                       # video: frames per clip
+    frames: int = 8                       # video, and a captions file's clip lines: frames per clip
     alpha_background: str = "white"       # transparent pixels are composited over "white" or "black"
-    short_clips: str = "skip"             # video clips with < frames frames: "skip", "error" or "loop"
+    short_clips: str = "skip"             # clips (video, captions) with < frames frames: "skip", "error" or "loop"
     paraphrases: bool = True              # text runs on the built-in worlds: mix paraphrased captions in (about
                                           # half) with the canonical ones, so the model learns words, not a template
     buckets: list[list] = field(default_factory=list)  # video: variable size, [[frames, height, width, batch_size
@@ -148,6 +148,7 @@ class TrainConfig:
     pack_tokens: int = 0                  # video: pack differently sized clips into one sequence of at most this
                                           # many image tokens per step (NaViT); 0 = dense batches
     peak_tflops: float = 0.0              # device peak for the logged MFU; 0 measures a matmul once per run
+    tensorboard: bool = True              # also log to RUN/tensorboard when the tensorboard package is installed
 
     def validate(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "max_bad_steps"):
@@ -294,13 +295,16 @@ class RunConfig:
             raise ConfigError(f"model.arch = {self.model.arch!r} learns from captions; data.dataset = "
                               f"{_show(self.data.dataset)} has none: use one of {', '.join(map(repr, captioned))}")
         if not self.is_text_run and self.data.dataset == "captions":
-            raise ConfigError("data.dataset = \"captions\" gives (image, caption) pairs for a text-conditioned "
-                              "model: set model.arch = \"mmdit\" (or \"crossdit\"), or use \"folder\" for labels "
-                              "from class subfolders")
+            raise ConfigError("data.dataset = \"captions\" gives (image or clip, caption) pairs for a text-conditioned "
+                              "model: set model.arch = \"mmdit\" (or \"crossdit\"; \"video\" for clips), or use "
+                              "\"folder\" for labels from class subfolders")
         if self.data.dataset in ("folder", "video", "captions", "moving-digits") and self.codec.source == "identity":
             d, m = self.data, self.model  # pixels: the data is the model's input
             frames = (d.frames, f"data.frames = {d.frames}") if d.dataset in ("video", "moving-digits") else \
                 (1, f"data.dataset = {_show(d.dataset)} gives images, 1 frame each")
+            if d.dataset == "captions" and m.frames != 1:  # a video model: clips at data.frames, images bucketed
+                frames = (d.frames, f"data.frames = {d.frames} (the frames of the captions file's clips; its images "
+                                    f"are one-frame items, see data.buckets)")
             if d.dataset == "moving-digits":
                 d = dataclasses.replace(d, channels=3, image_size=32)  # the world's clips are 32x32 RGB
             for mkey, want, what in ((("in_channels", d.channels, f"data.channels = {d.channels}"),

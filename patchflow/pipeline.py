@@ -5,6 +5,7 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import torch
 import torch.nn as nn
 
@@ -61,14 +62,30 @@ def sampling_shift(cfg: RunConfig, grid: tuple[int, int, int]) -> float:
     return cfg.flow.shift * rectified.resolution_shift(grid[0] * grid[1] * grid[2], base)
 
 
+class StepCallback:
+    """tqdm's update()/close() over a callback(done, total), which the samplers call once a step."""
+
+    def __init__(self, callback, total: int):
+        self.callback, self.total, self.done = callback, total, 0
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self.callback(self.done, self.total)
+
+    def close(self) -> None:
+        pass
+
+
 @torch.inference_mode()
 def generate(model: nn.Module, cfg: RunConfig, targets, *, conditioning=None, negative=None,
              steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
              seed: int | None = None, batch_size: int = 64, device: torch.device | None = None,
-             progress: bool = False, codec=None, size: tuple[int, int] | None = None, frames: int | None = None,
+             progress=False, codec=None, size: tuple[int, int] | None = None, frames: int | None = None,
              context: tuple[torch.Tensor, torch.Tensor] | None = None, init: torch.Tensor | None = None,
              strength: float = 1.0) -> torch.Tensor:
     """Samples (N, C, T, H, W) in the model's units, or decoded to pixels by `codec` when given.
+
+    progress: False, True (a tqdm bar) or a callback(done, total) called after every sampling step.
 
     targets: class labels (N,) for a class run, a list of N prompts for a text run (`conditioning` is the run's
     conditioning step; built when None, which loads a text encoder). negative: a negative prompt (text runs).
@@ -116,10 +133,12 @@ def generate(model: nn.Module, cfg: RunConfig, targets, *, conditioning=None, ne
     step_generator = torch.Generator(device).manual_seed(seed + 1)  # ancestral noise of stochastic samplers
     out = []
     bar = None
-    if progress:
+    total = (steps if strength >= 1 else max(1, round(steps * strength))) * ((n + batch_size - 1) // batch_size)
+    if callable(progress):  # a caller's callback(done, total), e.g. a web page's progress bar
+        bar = StepCallback(progress, total)
+    elif progress:
         from tqdm.auto import tqdm
-        run = steps if strength >= 1 else max(1, round(steps * strength))
-        bar = tqdm(total=run * ((n + batch_size - 1) // batch_size), desc="sampling", unit="step")
+        bar = tqdm(total=total, desc="sampling", unit="step")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16")
     for i in range(0, n, batch_size):
         part = slice(i, i + batch_size)
@@ -269,13 +288,15 @@ class Pipeline:
     def __call__(self, labels=None, *, prompt=None, negative_prompt: str | None = None, n: int | None = None,
                  steps: int | None = None, guidance: float | None = None, seed: int | None = None,
                  sampler: str | None = None, size: tuple[int, int] | None = None, output: str = "np",
-                 progress: bool = False, frames: int | None = None, first_frame=None, extend=None, video=None,
+                 progress=False, frames: int | None = None, first_frame=None, extend=None, video=None,
                  strength: float = 0.7, keyframe: bool | None = None):
         """labels: an int (repeated n times) or a list of ints (class runs). prompt: a string (repeated n times)
         or a list of strings (text runs); negative_prompt replaces the empty prompt of guidance. size: (H, W) in
         pixels, default the training size. output: 'np' (uint8 (N, H, W, C)) or 'pil' (a list of images).
+        progress: True (a tqdm bar) or a callback(done, total) after every sampling step.
 
-        Video runs return clips, uint8 (N, T, H, W, 3) ('pil': a list of lists of frames). frames: T in pixels
+        Video runs (and class-conditional DiTs on clips, model.frames > 1) return clips, uint8 (N, T, H, W, 3)
+        ('pil': a list of lists of frames). frames: T in pixels
         (default the training length). One of: first_frame, an image (H, W, 3) or one per prompt (N, H, W, 3), a
         PIL image or a path (image-to-video: frame 0 given); extend, a clip (K, H, W, 3) or a path (its last frames
         given, the returned clip is the K frames followed by the new ones); video, a clip or a path with strength
@@ -297,18 +318,16 @@ class Pipeline:
         common = dict(conditioning=self.conditioning, negative=negative_prompt, steps=steps, guidance=guidance,
                       sampler=sampler, seed=seed, progress=progress, codec=self.codec, size=self.model_size(size))
         if not self.is_video:
-            x = generate(self.model, self.cfg, targets, **common)
-            images = to_uint8(x)[:, 0]  # images are the first (only) frame
+            x = to_uint8(generate(self.model, self.cfg, targets, **common))
+            if x.shape[1] > 1:  # a class-conditional DiT on clips (model.frames > 1): whole clips
+                return [[Image.fromarray(f) for f in clip] for clip in x] if output == "pil" else x
+            images = x[:, 0]  # images are the first (only) frame
             if output == "pil":
-                from PIL import Image
-
                 return [Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im) for im in images]
             return images
         keyframe = self.cfg.sample.keyframe if keyframe is None else keyframe
         clips = self._video(targets, common, frames, first_frame, extend, video, strength, size, keyframe)
         if output == "pil":
-            from PIL import Image
-
             return [[Image.fromarray(f) for f in clip] for clip in clips]
         return clips
 

@@ -461,3 +461,43 @@ def test_training_on_a_mixed_folder_with_corrupt_files(tmp_path):
     b0 = ResumableBatchSampler(len(ds), 4, seed=cfg.train.seed).batch(0)
     ds2, _ = collect(build_dataset, cfg.data)
     assert torch.equal(torch.stack([ds[i][0] for i in b0]), torch.stack([ds2[i][0] for i in b0]))
+
+
+def test_too_few_classes_for_the_class_folders_stop_before_any_work(tmp_path, capsys):
+    from patchflow.cli import main
+
+    for c in ("ant", "bee", "cat"):
+        solid(tmp_path / "data" / c / "a.png", "RGB", (8, 8), (9, 9, 9))
+    argv = ["train", "digits", "--out", str(tmp_path / "run"), "--set", "data.dataset=\"folder\"",
+            "--set", f"data.path=\"{tmp_path / 'data'}\"", "--set", "data.image_size=32", "--set", "data.channels=1",
+            "--set", "model.num_classes=2", "--set", "train.steps=1"]
+    assert main(argv) == 2
+    assert "has 3 class folders (ant, bee, cat) but model.num_classes = 2; set model.num_classes = 3" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "run" / "config.toml").exists()
+
+
+def test_a_class_dit_on_clips_samples_whole_clips(tmp_path):
+    from patchflow.cli import main
+    from patchflow.clip_files import read_clip
+    from patchflow.pipeline import Pipeline
+
+    for c, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+        for i in range(3):
+            gif(tmp_path / "clips" / c / f"{i}.gif", [colour, (0, 0, 0), colour], size=(16, 16))
+    run = tmp_path / "run"
+    sets = ["model.preset=\"DiT-Micro/4\"", "model.input_size=16", "model.in_channels=3", "model.frames=2",
+            "model.num_classes=2", "data.dataset=\"video\"", f"data.path=\"{tmp_path / 'clips'}\"",
+            "data.image_size=16", "data.channels=3", "data.frames=2", "train.steps=2", "train.batch_size=4",
+            "train.sample_every=0", "train.num_threads=1", "sample.steps=2"]
+    assert main(["train", "digits", "--out", str(run), "--quiet"] + [a for s in sets for a in ("--set", s)]) == 0
+    clips = Pipeline.load(run, device="cpu")(labels=[0, 1], seed=3)
+    assert clips.shape == (2, 2, 16, 16, 3) and clips.dtype == np.uint8
+    assert main(["sample", str(run), "--label", "1", "--n", "2", "--seed", "3", "--out", str(tmp_path / "x.npz"),
+                 "--quiet"]) == 0
+    saved = np.load(tmp_path / "x.npz")
+    assert saved["videos"].shape == (2, 2, 16, 16, 3) and saved["labels"].tolist() == [1, 1]
+    assert main(["sample", str(run), "--label", "1", "--n", "1", "--seed", "3", "--out", str(tmp_path / "x.gif"),
+                 "--quiet"]) == 0
+    assert read_clip(tmp_path / "x.gif").shape == (2, 16, 16, 3)
+    assert np.array_equal(saved["videos"][0], Pipeline.load(run, device="cpu")(labels=[1], seed=3)[0])

@@ -9,7 +9,10 @@ from patchflow.config import DataConfig
 
 
 def pixel_shape(cfg: DataConfig) -> tuple[int, int, int]:
-    """(channels, frames, size) of the items `build_dataset(cfg)` gives: x is (channels, frames, size, size)."""
+    """(channels, frames, size) of the items `build_dataset(cfg)` gives: x is (channels, frames, size, size).
+
+    "captions" says 1 frame (images); a captions file's clip lines give data.frames frames: `item_frames` lists
+    the frames of each of its items."""
     if cfg.dataset == "digits":
         return 1, 1, 32
     if cfg.dataset == "color-digits":
@@ -21,7 +24,8 @@ def pixel_shape(cfg: DataConfig) -> tuple[int, int, int]:
 
 def build_dataset(cfg: DataConfig, split: str = "train", text: bool = False) -> torch.utils.data.Dataset:
     """Items are (x: (C, T, H, W) in [-1, 1], label int), or with `text` (x, caption str); T = 1 for images,
-    data.frames for video. A built-in world's captions mix in paraphrases when data.paraphrases.
+    data.frames for video. A built-in world's captions mix in paraphrases when data.paraphrases. "captions" gives
+    (x, caption) either way: T = 1 for its image lines, data.frames for its clip lines (data.short_clips applies).
 
     "folder" and "video" have no validation split (only split="train"); errors name data.path.
     """
@@ -53,7 +57,7 @@ def build_dataset(cfg: DataConfig, split: str = "train", text: bool = False) -> 
         if cfg.dataset == "captions":
             from patchflow.data.captions import ImageCaptionDataset
 
-            return ImageCaptionDataset(cfg.path, **common)
+            return ImageCaptionDataset(cfg.path, frames=cfg.frames, short_clips=cfg.short_clips, **common)
         from patchflow.data.video import VideoFolderDataset
 
         return VideoFolderDataset(cfg.path, cfg.frames, short_clips=cfg.short_clips, **common)
@@ -64,10 +68,54 @@ def build_dataset(cfg: DataConfig, split: str = "train", text: bool = False) -> 
 
 
 def item_text(dataset, i: int) -> str:
-    """The caption of item i of a captioned data set, without loading its image."""
+    """The caption of item i of a captioned data set, without loading its image or clip."""
     if hasattr(dataset, "caption"):  # a built-in world
         return dataset.caption(i, paraphrase=dataset.target == "paraphrase")
-    return dataset.items[i][1]  # ImageCaptionDataset: (image path, caption)
+    return dataset.items[i][1]  # ImageCaptionDataset: (image or clip path, caption, ...)
+
+
+def item_frames(dataset) -> list[int] | None:
+    """The frame count T of every item of a captions file (through WithCaptions): 1 for an image line, data.frames
+    for a clip line; nothing is loaded. None for the other data sets, whose items all have `pixel_shape`'s frames
+    (but the images of data.mix_images, 1)."""
+    if isinstance(dataset, WithCaptions):
+        dataset = dataset.texts
+    frames = getattr(dataset, "item_frames", None)
+    return None if frames is None else list(frames)
+
+
+def check_dense_frames(dataset, model_frames: int, latent_frames=None) -> None:
+    """Dense batches (no data.buckets, no train.pack_tokens) stack items of one size: every item of a captions file
+    must have the frames the model trains at, model.frames (`latent_frames` maps an item's frames to the model's,
+    through a codec; None: the same). ValueError naming the file's lines and the fixes otherwise; None for other
+    data sets."""
+    frames = item_frames(dataset)
+    if frames is None:
+        return
+    source = dataset.texts if isinstance(dataset, WithCaptions) else dataset
+    latent = latent_frames or (lambda t: t)
+    bad = [e for e, t in zip(source.items, frames) if latent(t) != model_frames]
+    if not bad:
+        return
+    images = [e for e in bad if e.kind == "image"]
+    clips = [e for e in bad if e.kind != "image"]
+
+    def lines(es):
+        return f"{len(es)} line{'s' * (len(es) != 1)} of it (e.g. line {es[0].line})"
+
+    problems, size = [], source.image_size
+    if images:
+        problems.append(f"{lines(images)} name images, one-frame items, but model.frames = {model_frames}: a batch "
+                        f"stacks items of one size. Keep the images as one-frame items with data.buckets holding a "
+                        f"one-frame bucket, e.g. data.buckets = [[1, {size}, {size}, 16], [{source.frames}, {size}, "
+                        f"{size}, 4]] (or with train.pack_tokens; both need model.arch = \"video\"), or leave the "
+                        f"images out of the file")
+    if clips:
+        problems.append(f"{lines(clips)} name clips, read as data.frames = {source.frames} frames, but model.frames "
+                        f"= {model_frames}: train clips with model.arch = \"video\" and model.frames = data.frames "
+                        f"(images too then need data.buckets with a one-frame bucket), or set data.frames = 1 to "
+                        f"keep only each clip's first frame")
+    raise ValueError(f"data.path = {str(source.path)!r}: " + "; ".join(problems))
 
 
 class WithCaptions(torch.utils.data.Dataset):

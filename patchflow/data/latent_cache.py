@@ -7,6 +7,14 @@ A cache is a directory:
 Items are kept by data set index, field by field, so other per-item tensors (the text embeddings of a captioned
 data set) can join a cache as more fields. cache.json is written last, into a temporary folder renamed at the
 end: a folder that has it is complete. A cache made with another codec, codec version or data config is refused.
+
+A captions file (data.dataset = "captions") has no labels: its cache holds only "latent", and a text run takes
+item i's caption from the file by index (`data.WithCaptions`), as it does for the built-in worlds. Its identity
+holds a fingerprint of the file (its bytes, and the size and modification time of every image or clip it names),
+so an edited file or a replaced image gives another cache. A file that mixes images and clips has latents of
+several sizes: a shard whose items differ in size holds per size "latent.K" (n_K, c, t_K, h, w) and "index.K"
+(n_K,) int64, the items' positions in the shard ("latent_shape" in cache.json is then null, "latent_shapes" lists
+the sizes). Caches of one size are written as before.
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ FORMAT = "patchflow-latent-cache"
 FORMAT_VERSION = 1
 SHARD = 2048  # items per shard file
 DATA_KEYS = ("dataset", "seed", "path", "image_size", "channels", "frames", "alpha_background", "short_clips")
+CAPTIONED = ("captions",)  # data sets whose items carry a caption, not a label: their cache stores no "label"
 
 
 class CacheError(ValueError):
@@ -44,13 +53,57 @@ def data_identity(cfg: DataConfig) -> dict:
         d["world_version"] = WORLD_VERSIONS[cfg.dataset]
     if d["path"]:
         d["path"] = str(Path(d["path"]).expanduser().resolve())
+    if cfg.dataset == "captions":
+        d["content"] = captions_fingerprint(Path(cfg.path).expanduser())  # lines resolve as the data set's do
     return d
+
+
+def _stat(path: Path) -> list:
+    try:
+        st = path.stat()
+    except OSError:
+        return [None]
+    return [st.st_size, st.st_mtime_ns]
+
+
+def captions_fingerprint(jsonl: str | Path) -> str:
+    """A hash of a captions file's bytes and of the size and modification time of every file its lines name (all
+    of a clip folder's files): editing a line or replacing an image or clip changes it; nothing is decoded. A
+    missing file hashes as missing (the data set then says what is wrong with it)."""
+    from patchflow.data.captions import BadEntry, parse_entry
+
+    jsonl = Path(jsonl)
+    h = hashlib.sha256()
+    try:
+        raw = jsonl.read_bytes()
+    except OSError:
+        return "missing"
+    h.update(raw)
+    for line in raw.decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            path = parse_entry(line, jsonl.parent)[0]
+        except BadEntry:
+            continue
+        files = [path]
+        if path.is_dir():  # a clip given as a folder of frames
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+        h.update(json.dumps([[str(f), *_stat(f)] for f in files]).encode())
+    return h.hexdigest()[:32]
 
 
 def default_cache_dir(data: DataConfig, codec_identity: dict) -> Path:
     """`<cache>/latents/<dataset>-<hash of data settings and codec>`: one folder per (data, codec) pair."""
     key = json.dumps({"data": data_identity(data), "codec": codec_identity}, sort_keys=True)
     return cache_root() / "latents" / f"{data.dataset}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def shapes_text(meta: dict) -> str:
+    """A cache's latent size, "(2, 1, 16, 16)", or its sizes, "(3, 1, 4, 4) and (3, 3, 4, 4)", for messages."""
+    if meta.get("latent_shape") is not None:
+        return str(tuple(meta["latent_shape"]))
+    return " and ".join(str(tuple(s)) for s in meta.get("latent_shapes", []))
 
 
 def _describe(identity: dict) -> str:
@@ -83,9 +136,12 @@ def check_cache(directory: Path, data: DataConfig, codec_identity: dict) -> dict
                          f" but this run's codec is {_describe(codec_identity)}; {rebuild}")
     want = data_identity(data)
     if meta.get("data") != want:
-        diff = sorted(k for k in want if meta.get("data", {}).get(k) != want[k])
-        raise CacheError(f"latent cache {directory} was made from other data (data.{', data.'.join(diff)} "
-                         f"differ from this run's config); {rebuild}")
+        diff = sorted(k for k in want if k != "content" and meta.get("data", {}).get(k) != want[k])
+        if diff:
+            raise CacheError(f"latent cache {directory} was made from other data (data.{', data.'.join(diff)} "
+                             f"differ from this run's config); {rebuild}")
+        raise CacheError(f"latent cache {directory} is stale: the captions file data.path = {data.path!r} or the "
+                         f"images and clips it names changed since the cache was built; {rebuild}")
     return meta
 
 
@@ -96,7 +152,9 @@ def build_cache(directory: str | Path, data: DataConfig, codec, batch_size: int 
     from patchflow.data import build_dataset
 
     directory = Path(directory)
+    identity = data_identity(data)  # before reading the data: a file edited meanwhile makes the cache stale
     dataset = build_dataset(data, split)
+    labelled = data.dataset not in CAPTIONED
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -105,25 +163,46 @@ def build_cache(directory: str | Path, data: DataConfig, codec, batch_size: int 
         from tqdm.auto import tqdm
         bar = tqdm(total=len(dataset), desc="encoding latents", unit="item", dynamic_ncols=True)
     device = next(iter(codec.buffers())).device
-    shards, latent_shape = [], None
+    shards, shapes = [], set()
     try:
         for start in range(0, len(dataset), SHARD):
-            latents, labels = [], []
-            for i in range(start, min(len(dataset), start + SHARD), batch_size):
-                items = [dataset[j] for j in range(i, min(len(dataset), start + SHARD, i + batch_size))]
-                x = torch.stack([x for x, _ in items]).to(device)
-                latents.append(codec.encode(x).float().cpu())
-                labels.append(torch.as_tensor([int(y) for _, y in items], dtype=torch.int64))
+            stop = min(len(dataset), start + SHARD)
+            latents, labels = [], []  # per item of the shard
+            for i in range(start, stop, batch_size):
+                items = [dataset[j] for j in range(i, min(stop, i + batch_size))]
+                by_size = {}  # a captions file's images and clips differ in frames: encode each size apart
+                for k, (x, _) in enumerate(items):
+                    by_size.setdefault(tuple(x.shape), []).append(k)
+                out = [None] * len(items)
+                for ks in by_size.values():
+                    z = codec.encode(torch.stack([items[k][0] for k in ks]).to(device)).float().cpu()
+                    for k, zk in zip(ks, z):
+                        out[k] = zk
+                latents += out
+                if labelled:
+                    labels += [int(y) for _, y in items]
                 if bar is not None:
                     bar.update(len(items))
             name = f"shard_{len(shards):05d}.safetensors"
-            tensors = {"latent": torch.cat(latents).contiguous(), "label": torch.cat(labels)}
-            latent_shape = list(tensors["latent"].shape[1:])
+            sizes = sorted({tuple(z.shape) for z in latents})
+            shapes.update(sizes)
+            if len(sizes) == 1:
+                tensors = {"latent": torch.stack(latents).contiguous()}
+            else:
+                tensors = {}
+                for k, size in enumerate(sizes):
+                    index = [j for j, z in enumerate(latents) if tuple(z.shape) == size]
+                    tensors[f"latent.{k}"] = torch.stack([latents[j] for j in index]).contiguous()
+                    tensors[f"index.{k}"] = torch.as_tensor(index, dtype=torch.int64)
+            if labelled:
+                tensors["label"] = torch.as_tensor(labels, dtype=torch.int64)
             save_file(tensors, str(tmp / name))
-            shards.append({"file": name, "items": len(tensors["label"])})
+            shards.append({"file": name, "items": len(latents)})
+        shapes = [list(size) for size in sorted(shapes)]
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "codec": codec.identity(),
-                "data": data_identity(data), "split": split, "items": len(dataset), "latent_shape": latent_shape,
-                "fields": ["latent", "label"], "shards": shards}
+                "data": identity, "split": split, "items": len(dataset),
+                "latent_shape": shapes[0] if len(shapes) == 1 else None, "latent_shapes": shapes,
+                "fields": ["latent", "label"] if labelled else ["latent"], "shards": shards}
         (tmp / "cache.json").write_text(json.dumps(meta, indent=2) + "\n")
         if directory.exists():
             shutil.rmtree(directory)
@@ -138,7 +217,9 @@ def build_cache(directory: str | Path, data: DataConfig, codec, batch_size: int 
 
 
 class LatentCacheDataset(torch.utils.data.Dataset):
-    """Items (latent (c, t, h, w), label) read from a checked cache; everything is held in memory."""
+    """Items (latent (c, t, h, w), label) read from a checked cache; everything is held in memory. A captions
+    file's cache has no labels: its items are (latent, index), the caption coming from the file (WithCaptions).
+    `latents` is one (n, c, t, h, w) tensor, or a list of per-item tensors when the sizes differ."""
 
     def __init__(self, directory: str | Path, data: DataConfig, codec_identity: dict):
         self.directory = Path(directory)
@@ -151,17 +232,40 @@ class LatentCacheDataset(torch.utils.data.Dataset):
             except (OSError, ValueError, RuntimeError) as e:  # missing or cut shard
                 raise CacheError(f"latent cache shard {path} is unreadable ({e}); rebuild the cache with "
                                  f"`patchflow cache CONFIG --out {self.directory}`") from None
-        self.latents = torch.cat([p["latent"] for p in parts])
-        self.labels = torch.cat([p["label"] for p in parts])
-        if len(self.labels) != meta["items"]:
-            raise CacheError(f"latent cache {self.directory} holds {len(self.labels)} items, its cache.json says "
+        try:
+            if all("latent" in p for p in parts) and len({tuple(p["latent"].shape[1:]) for p in parts}) <= 1:
+                self.latents = torch.cat([p["latent"] for p in parts])
+            else:  # items of several sizes: one tensor per item
+                self.latents = [z for p in parts for z in _shard_items(p)]
+            self.labels = torch.cat([p["label"] for p in parts]) if "label" in meta.get("fields", ["label"]) \
+                else None
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CacheError(f"latent cache {self.directory} has shards that do not match its cache.json ({e}); "
+                             f"rebuild it with `patchflow cache CONFIG --out {self.directory}`") from None
+        n = len(self.latents)
+        if n != meta["items"] or (self.labels is not None and len(self.labels) != n):
+            raise CacheError(f"latent cache {self.directory} holds {n} items, its cache.json says "
                              f"{meta['items']}; rebuild it")
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.latents)
 
     def __getitem__(self, i: int):
-        return self.latents[i], self.labels[i]
+        return self.latents[i], (i if self.labels is None else self.labels[i])
+
+
+def _shard_items(part: dict) -> list[torch.Tensor]:
+    """A shard's latents, item by item: "latent", or per size "latent.K" with the items' positions "index.K"."""
+    if "latent" in part:
+        return list(part["latent"])
+    sizes = sorted(int(k.split(".")[1]) for k in part if k.startswith("latent."))
+    out = {}
+    for k in sizes:
+        for j, z in zip(part[f"index.{k}"].tolist(), part[f"latent.{k}"]):
+            out[j] = z
+    if sorted(out) != list(range(len(out))):
+        raise ValueError("the positions of its items are not 0..n-1")
+    return [out[j] for j in range(len(out))]
 
 
 def cached_dataset(cfg, codec, progress: bool = True, build: bool = True) -> LatentCacheDataset | None:

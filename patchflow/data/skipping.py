@@ -65,21 +65,30 @@ class ScannedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def stands_in(self, i: int, j: int) -> bool:
+        """Whether item j may replace item i when i became unreadable (any item, unless a subclass says)."""
+        return True
+
     def __getitem__(self, index):
+        """Item `index`, or, when its file became unreadable after the scan, the next readable item that may
+        stand in for it (warned once per file)."""
         n = len(self.items)
         i = int(index)
         if not 0 <= i < n:
             raise IndexError(f"index {i} out of range for a data set of {n} items")
         for k in range(n):
             j = (i + k) % n
+            if not self.stands_in(i, j):
+                continue
             try:
                 x = self.load(j)
             except Exception as e:  # any decoder error of a file that read fine at the scan: keep training
                 self._warn_late(j, e)
                 continue
             return x, self.target(j)
-        raise RuntimeError(f"none of the {n} files of this data set can be read any more (the first: "
-                           f"{self.name(0)}); they all decoded when the data set was built")
+        m = sum(self.stands_in(i, j) for j in range(n))
+        raise RuntimeError(f"none of the {m} files of this data set that could replace {self.name(i)} can be read "
+                           f"any more; they all decoded when the data set was built")
 
     def _warn_late(self, j: int, e: BaseException) -> None:
         # once per file and process: a file read every epoch would otherwise warn every epoch

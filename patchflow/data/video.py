@@ -15,6 +15,8 @@ The first `frames` frames of a clip are used. A clip with fewer frames follows `
 "skip" (default: left out, with a warning naming the clip and both counts), "error" (ValueError naming them
 when the data set is built) or "loop" (frames repeat from the start: 0, 1, 2, 0, 1, ...). Unreadable clips
 are skipped as unreadable images are (`skipping.py`); frames are converted and resized as in `images.py`.
+
+`load_clip` (one clip -> tensor, the short-clip rule) is shared with the captions file's clip lines (`captions.py`).
 """
 from __future__ import annotations
 
@@ -85,6 +87,27 @@ def read_frames(clip: Path, limit: int) -> list[Image.Image]:
     return [Image.fromarray(a) for a in read_clip(clip, limit=limit)]
 
 
+def is_clip(path: Path) -> bool:
+    """A clip file (VIDEO_EXTENSIONS, any case) or a folder holding frame images."""
+    return is_video_file(path) or is_frames_folder(path)
+
+
+def load_clip(clip: Path, frames: int, image_size: int, channels: int = 3, alpha_background: str = "white",
+              short_clips: str = "skip") -> torch.Tensor:
+    """A clip (GIF, video file or folder of frames) -> (channels, frames, image_size, image_size) in [-1, 1]: its
+    first `frames` frames, each converted and resized as in `images.py`. A clip with fewer frames raises ShortClip
+    (no frames at all, or short_clips "skip"/"error": the caller applies the policy) or, with short_clips "loop",
+    repeats them from the start (0, 1, .., n-1, 0, 1, ..). Decoder errors propagate (the caller skips the clip)."""
+    got = read_frames(clip, frames)
+    if not got:
+        raise ShortClip("it has no frames")
+    if len(got) < frames:
+        if short_clips != "loop":
+            raise ShortClip(f"it has {len(got)} frames, fewer than the {frames} asked for")
+        got = [got[k % len(got)] for k in range(frames)]  # loop: 0, 1, .., n-1, 0, 1, ..
+    return torch.stack([prepare(f, image_size, channels, alpha_background) for f in got], dim=1)
+
+
 def find_clips(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     """(class names, [(clip, label)]) of `root` in a fixed order (see the module docstring for the layout)."""
     videos = [p for p in sorted(root.iterdir(), key=lambda p: natural_key(p.name)) if is_video_file(p)]
@@ -150,14 +173,7 @@ class VideoFolderDataset(ScannedDataset):
 
     def _read(self, clip: Path) -> torch.Tensor:
         """clip -> (C, frames, H, W); ShortClip when it has fewer frames and the policy is not "loop"."""
-        got = read_frames(clip, self.frames)
-        if not got:
-            raise ShortClip("it has no frames")
-        if len(got) < self.frames:
-            if self.short_clips != "loop":
-                raise ShortClip(f"it has {len(got)} frames, fewer than the {self.frames} asked for")
-            got = [got[k % len(got)] for k in range(self.frames)]  # loop: 0, 1, .., n-1, 0, 1, ..
-        return torch.stack([prepare(f, self.image_size, self.channels, self.alpha_background) for f in got], dim=1)
+        return load_clip(clip, self.frames, self.image_size, self.channels, self.alpha_background, self.short_clips)
 
     @property
     def num_classes(self) -> int:

@@ -120,6 +120,8 @@ def check_model_codec(cfg: RunConfig, codec: Codec) -> None:
 
     channels, frames, size = pixel_shape(cfg.data)
     m, name = cfg.model, cfg.codec.source
+    if cfg.data.dataset == "captions" and m.frames != 1:  # a video model on a captions file: its clips' frames
+        frames = cfg.data.frames
     try:
         _, c, t, h, _ = codec.latent_shape((1, channels, frames, size, size))
     except CodecError as e:

@@ -51,6 +51,8 @@ from patchflow.train.checkpoint import (atomic_write_text, latest_checkpoint, lo
                                         save_checkpoint, step_of)
 from patchflow.train.ema import EMA
 from patchflow.train.optim import adamw
+from patchflow.train.run_log import (TimestepBins, model_times, open_tensorboard, tensorboard_record,
+                                     tensorboard_samples)
 from patchflow.train.errors import TrainingError
 
 
@@ -112,6 +114,24 @@ def _prepare_out_dir(out: Path) -> None:
                             f"pick another --out") from e
 
 
+def _check_classes(cfg: RunConfig) -> None:
+    """A class run on the user's folder: model.num_classes must cover its class folders (labels are positions;
+    a label >= num_classes would be taken for the null class of guidance, or fail in the embedding)."""
+    d = cfg.data
+    if cfg.is_text_run or d.dataset not in ("folder", "video") or not Path(d.path).expanduser().is_dir():
+        return  # a missing folder is reported, with its key, when the data set is built
+    from patchflow.data.folder import find_images
+    from patchflow.data.video import find_clips
+
+    with warnings.catch_warnings():  # the data set warns about loose files itself, once
+        warnings.simplefilter("ignore")
+        classes, _ = (find_images if d.dataset == "folder" else find_clips)(Path(d.path).expanduser())
+    if len(classes) > cfg.model.num_classes:
+        raise ConfigError(f"data.path = {d.path!r} has {len(classes)} class folders ({', '.join(classes[:5])}"
+                          f"{', ...' if len(classes) > 5 else ''}) but model.num_classes = {cfg.model.num_classes}; "
+                          f"set model.num_classes = {len(classes)}")
+
+
 def _ignore_sigterm(worker_id: int) -> None:
     """Loader workers leave SIGTERM to the trainer (SLURM signals every process of a job), which stops them itself
     after its checkpoint; a worker killed by it would make the DataLoader raise mid-step."""
@@ -152,6 +172,7 @@ class Trainer:
             from patchflow.conditioning import load_run_text_encoder
 
             self.text_encoder = load_run_text_encoder(cfg, self.device)
+        _check_classes(cfg)  # before a codec is trained on data whose labels the model cannot take
         self.codec, self.encode = None, False
         if cfg.codec.source != "identity":  # before seeding: a codec preset may be trained first
             self._prepare_codec(resume)
@@ -260,17 +281,26 @@ class Trainer:
 
     def _sizes(self) -> list[tuple[int, int, int]] | None:
         """Each item's training size (frames, height, width) in pixels when the run trains on several sizes
-        (data.buckets, or packing of mixed images and clips), the data cut to it; None for one fixed size."""
+        (data.buckets, or packing of mixed images and clips), the data cut to it; None for one fixed size.
+        A captions file's items have their own frames (images 1, clips data.frames): without buckets or packing
+        they must all have the model's (data.check_dense_frames)."""
+        from patchflow.data import check_dense_frames, item_frames
         from patchflow.data.buckets import CutClips, assign_sizes, check_buckets, parse_buckets
 
         cfg, d = self.cfg, self.cfg.data
-        if not d.buckets and not cfg.train.pack_tokens:
-            return None
         _, frames, size = pixel_shape(d)
-        native = [(frames, size, size)] * (len(self.dataset) - d.mix_images) + [(1, size, size)] * d.mix_images
         codec = self.codec
         latent = (lambda s: s) if codec is None else \
             (lambda s: tuple(codec.latent_shape((1, codec.in_channels or 3, *s))[2:]))
+        if not d.buckets and not cfg.train.pack_tokens:
+            try:
+                check_dense_frames(self.dataset, getattr(cfg.model, "frames", 1), lambda t: latent((t, size, size))[0])
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            return None
+        counts = item_frames(self.dataset)  # a captions file: each item's own frames
+        native = [(t, size, size) for t in counts] if counts is not None else \
+            [(frames, size, size)] * (len(self.dataset) - d.mix_images) + [(1, size, size)] * d.mix_images
         sizes = native
         if d.buckets:
             buckets = parse_buckets(d.buckets)
@@ -282,8 +312,10 @@ class Trainer:
                               world=1 if cfg.train.pack_tokens else self.dist.world)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-        cut = [latent(s)[0] for s in sizes]
-        if any(f != latent(n)[0] for f, n in zip(cut, native)):
+        # the data's frames: latent frames from a latent cache, pixel frames when each step encodes (codec.cache off)
+        frames_of = (lambda s: s[0]) if self.encode else (lambda s: latent(s)[0])
+        cut = [frames_of(s) for s in sizes]
+        if any(f != frames_of(n) for f, n in zip(cut, native)):
             self.dataset = CutClips(self.dataset, cut)
         return sizes
 
@@ -487,13 +519,21 @@ class Trainer:
             self.macs += sum(self._macs_of(tuple(x.shape)) for x in x0) if isinstance(x0, list) else \
                 len(x0) * self._macs_of(tuple(x0.shape[1:]))
             cond = self.conditioning.train(y, self.generator, self.dist.shard)
+            times = []  # the timesteps the objective drew, for loss_by_t
+
+            def model_fn(*inputs):
+                times.append(model_times(inputs, getattr(self.objective, "t_max", None)))
+                return self.model(*inputs, **cond)
+
             # gradients are reduced across processes once, in the last micro-batch's backward
             with distributed.grad_sync(self.model, sync=i == t.grad_accum - 1):
                 with autocast:
-                    loss = self.objective.loss(lambda *inputs: self.model(*inputs, **cond), x0, self.generator,
-                                               shard=self.dist.shard).mean()
+                    losses = self.objective.loss(model_fn, x0, self.generator, shard=self.dist.shard)
+                    loss = losses.mean()
                 scaled = loss / t.grad_accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            if times and times[0] is not None and times[0].shape == losses.shape and bool(losses.isfinite().all()):
+                self.loss_bins.add(times[0], losses)
             total += loss.item() / t.grad_accum
         total = distributed.mean(total, self.dist, self.device)  # each process holds the mean of an equal share
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
@@ -540,6 +580,8 @@ class Trainer:
             from tqdm.auto import tqdm
             bar = tqdm(total=t.steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
         self._macs = {}  # forward MACs per item shape (a video run's images and clips differ)
+        self.loss_bins = TimestepBins()  # this process's samples (DDP ranks see the same timestep law)
+        board = open_tensorboard(self.out, t.tensorboard and self.main, self.step)
         self.items = self.macs = 0
         window_start, window_steps, window_losses = time.perf_counter(), 0, []
         sigterm = []  # the handler only records the signal; the loop stops at a step boundary
@@ -564,12 +606,16 @@ class Trainer:
                               "images_per_s": rate, "steps_per_s": window_steps / max(elapsed, 1e-9),
                               "mfu": mfu_of_macs(macs_per_s, self.peak_flops * self.dist.world),
                               "bad_steps": self.bad_steps}
+                    if getattr(self.objective, "t_max", None):  # codec runs have no timestep
+                        record["loss_by_t"] = self.loss_bins.pop()
                     if not finite:
                         record["skipped"] = True
                     if log is not None:
                         with self._stop_on_os_error(str(log_path)):
                             log.write(json.dumps(record) + "\n")
                             log.flush()
+                    if board is not None:
+                        tensorboard_record(board, record)
                     if bar is not None and avg is not None:
                         bar.set_postfix(loss=f"{avg:.4f}", img_s=f"{rate:.0f}", mfu=f"{100 * record['mfu']:.0f}%")
                     window_start, window_steps, window_losses = time.perf_counter(), 0, []
@@ -586,7 +632,7 @@ class Trainer:
                     raise self._preempted(ckpt)
                 if t.sample_every and (self.step % t.sample_every == 0 or self.step == t.steps):
                     with self._stop_on_os_error(f"samples in {self.out / 'samples'}"):
-                        self.write_samples()
+                        tensorboard_samples(board, self.write_samples(), self.step)
                     window_start = time.perf_counter()  # sampling time is not training throughput
                     self.items = self.macs = 0
             distributed.barrier(self.dist)  # all collectives are done everywhere before any process closes the group
@@ -594,6 +640,8 @@ class Trainer:
             if handles:  # None: the previous handler was not set from Python
                 signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
             try:
+                if board is not None:
+                    board.close()
                 if log is not None:
                     log.close()
             except OSError:

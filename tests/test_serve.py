@@ -1,0 +1,334 @@
+"""`patchflow serve`: the HTTP API (results, reproducibility, concurrency, errors) and the studio page in a real
+headless Chromium, over three tiny runs: class-conditional (pixels), text-to-image and text-to-video."""
+import base64
+import io
+import json
+import os
+import shlex
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="patchflow serve needs fastapi (pip install 'patchflow[serve]')")
+pytest.importorskip("uvicorn", reason="patchflow serve needs uvicorn (pip install 'patchflow[serve]')")
+httpx = pytest.importorskip("httpx", reason="the API tests talk HTTP through httpx")
+
+from patchflow.cli import main  # noqa: E402
+from patchflow.config import load_config  # noqa: E402
+from patchflow.data.moving_digits import MovingDigitsDataset  # noqa: E402
+from patchflow.serve import RequestError, Studio, build_app  # noqa: E402
+from patchflow.train.trainer import train  # noqa: E402
+
+from browser import chromium_page  # noqa: E402
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+TEXT_PROMPT = "a red 7 on a black background, in the center"
+VIDEO_PROMPT = "a red 7 moving left on a black background"
+COMMON = ["train.steps=2", "train.batch_size=4", "train.log_every=1", "train.sample_every=0",
+          "train.checkpoint_every=2", "train.num_threads=1", "sample.steps=3"]
+TEXT = ["model.input_size=32", "model.in_channels=3", "model.patch_size=8", "model.hidden_size=32", "model.depth=2",
+        "model.num_heads=2", "model.text_dim=384", "model.pooled_dim=384", "text.cache=\"off\""]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """name -> run directory: `digits` (class), `t2i` (text-to-image), `t2v` (text-to-video, 4 frames)."""
+    base = tmp_path_factory.mktemp("served")
+    os.environ["PATCHFLOW_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
+    threads = torch.get_num_threads()
+    sets = {
+        "digits": ("digits", ["model.preset=\"DiT-Micro/4\""]),
+        "t2i": (None, ["model.arch=\"mmdit\"", "data.dataset=\"color-digits\"", *TEXT]),
+        "t2v": (None, ["model.arch=\"video\"", "model.frames=4", "data.dataset=\"moving-digits\"", "data.frames=4",
+                       "flow.context_prob=0.5", *TEXT]),
+    }
+    out = {}
+    for name, (preset, extra) in sets.items():
+        out[name] = base / name
+        train(load_config(preset, COMMON + extra), out[name], progress=False)
+    torch.set_num_threads(threads)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(runs):
+    """The app over the three runs, served by uvicorn on a free localhost port in a thread."""
+    import uvicorn
+
+    studio = Studio([runs["digits"], runs["t2i"], runs["t2v"]], device="cpu")
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(build_app(studio), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "uvicorn did not start"
+    studio.loaded.wait(120)
+    assert studio.load_error is None, studio.load_error
+    yield studio, f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def api(server):
+    with httpx.Client(base_url=server[1], timeout=120) as client:
+        yield client
+
+
+def png(response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    return np.asarray(Image.open(io.BytesIO(response.content)))
+
+
+def gif_frames(data: bytes) -> np.ndarray:
+    from PIL import ImageSequence
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
+
+
+def still_b64() -> tuple[str, np.ndarray]:
+    frame = MovingDigitsDataset("val", frames=1).render(0)[0][0]
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode(), frame
+
+
+# ---------------------------------------------------------------------------------------------- the API
+
+
+def test_runs_lists_every_run_with_what_it_takes(api):
+    runs = {r["name"]: r for r in api.get("/api/runs").json()["runs"]}
+    assert list(runs) == ["digits", "t2i", "t2v"]
+    assert [runs[n]["kind"] for n in runs] == ["class", "text", "video"]
+    assert runs["digits"]["num_classes"] == 10 and runs["digits"]["sizes"] is False
+    assert runs["t2i"]["num_classes"] is None and runs["t2i"]["size_step"] == 8
+    assert runs["t2v"]["frames"] == 4 and runs["t2v"]["first_frame"] is True
+    assert all(r["steps"] == 3 and (r["height"], r["width"]) == (32, 32) for r in runs.values())
+
+
+def test_an_image_is_the_sample_its_settings_reproduce(server, api, tmp_path):
+    studio, _ = server
+    r = api.post("/api/generate", json={"run": "t2i", "prompt": TEXT_PROMPT, "seed": 5, "steps": 2, "guidance": 2.5})
+    image = png(r)
+    assert image.shape == (32, 32, 3)
+    settings = json.loads(r.headers["x-patchflow-settings"])
+    assert settings == {"run": "t2i", "seed": 5, "steps": 2, "guidance": 2.5, "sampler": "euler",
+                        "prompt": TEXT_PROMPT, "negative_prompt": None, "height": 32, "width": 32}
+    direct = studio.runs["t2i"].pipe(prompt=TEXT_PROMPT, n=1, seed=5, steps=2, guidance=2.5)[0]
+    assert np.array_equal(image, direct)
+    # the page's command line draws the same pixels
+    job = api.post("/api/jobs", json={"run": "t2i", "prompt": TEXT_PROMPT, "seed": 5, "steps": 2, "guidance": 2.5})
+    state = wait(api, job.json()["id"])
+    command = shlex.split(state["items"][0]["settings"]["command"])
+    assert command[:3] == ["patchflow", "sample", str(studio.runs["t2i"].path)]
+    out = tmp_path / "again.npz"
+    assert main(command[1:-2] + ["--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    assert np.array_equal(np.load(out)["images"][0], image)
+
+
+def test_a_class_sample_and_a_grid_of_several(server, api):
+    studio, _ = server
+    one = png(api.post("/api/generate", json={"run": "digits", "label": 3, "seed": 7}))
+    assert one.shape == (32, 32) or one.shape[:2] == (32, 32)
+    expected = studio.runs["digits"].pipe(labels=3, n=1, seed=7)[0]
+    assert np.array_equal(one.reshape(expected.shape), expected)
+    grid = png(api.post("/api/generate", json={"run": "digits", "label": 3, "seed": 7, "n": 3}))
+    assert grid.shape[:2] == (2 + 34, 2 + 3 * 34)  # one row of three, 2-pixel gaps
+    # sample k of n is seed + k drawn alone
+    assert np.array_equal(grid[2:34, 2 + 34:34 + 34].reshape(expected.shape),
+                          studio.runs["digits"].pipe(labels=3, n=1, seed=8)[0])
+
+
+def test_a_clip_is_a_gif_and_a_first_frame_is_kept(server, api):
+    studio, _ = server
+    r = api.post("/api/generate", json={"run": "t2v", "prompt": VIDEO_PROMPT, "seed": 1})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/gif", r.text
+    clip = gif_frames(r.content)
+    direct = studio.runs["t2v"].pipe(prompt=VIDEO_PROMPT, n=1, seed=1)[0]
+    assert clip.shape == direct.shape == (4, 32, 32, 3)
+    # a GIF frame holds 256 colours: exact for flat drawings, close for these noisy untrained frames
+    assert np.abs(clip.astype(int) - direct).mean() < 16
+    job = studio.job(api.post("/api/jobs", json={"run": "t2v", "prompt": VIDEO_PROMPT, "seed": 1}).json()["id"])
+    assert job.finished.wait(60) and np.array_equal(job.samples[0], direct)
+    data, frame = still_b64()
+    r = api.post("/api/generate", json={"run": "t2v", "prompt": VIDEO_PROMPT, "seed": 1,
+                                        "first_frame": f"data:image/png;base64,{data}", "frames": 8})
+    assert r.status_code == 200, r.text
+    clip = gif_frames(r.content)
+    assert clip.shape == (8, 32, 32, 3)
+    assert np.abs(clip[0].astype(int) - frame).mean() < 2  # pixels: the given frame is held exactly
+    assert json.loads(r.headers["x-patchflow-settings"])["first_frame"] is True
+
+
+def test_four_simultaneous_requests_all_complete(api, server):
+    bodies = [{"run": "t2i", "prompt": TEXT_PROMPT, "seed": s} for s in range(3)] + \
+             [{"run": "t2v", "prompt": VIDEO_PROMPT, "seed": 0}]
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda b: httpx.post(f"{server[1]}/api/generate", json=b, timeout=300), bodies))
+    assert [r.status_code for r in responses] == [200] * 4
+    assert [r.headers["content-type"] for r in responses] == ["image/png"] * 3 + ["image/gif"]
+    images = [png(r) for r in responses[:3]]
+    assert not np.array_equal(images[0], images[1])  # each its own seed
+    assert np.array_equal(images[0], png(api.post("/api/generate", json=bodies[0])))  # and deterministic
+
+
+BAD = [
+    ("not json", 422, "not valid JSON"),
+    ("[1, 2]", 422, "JSON object"),
+    ({"run": "t2i", "prompt": "x", "colour": "red"}, 422, "colour: unknown field"),
+    ({"run": "t2i", "prompt": "x", "steps": 0}, 422, "steps"),
+    ({"run": "t2i", "prompt": "x", "steps": "many"}, 422, "steps"),
+    ({"run": "t2i", "prompt": "x", "n": 100}, 422, "n:"),
+    ({"run": "t2i", "prompt": "x", "guidance": -1}, 422, "guidance"),
+    ({"run": "t2i", "prompt": "x", "seed": -3}, 422, "seed"),
+    ({"run": "t2i", "prompt": "   "}, 400, "prompt is empty"),
+    ({"run": "t2i"}, 400, "prompt is empty"),
+    ({"run": "t2i", "label": 3}, 400, "send prompt"),
+    ({"run": "digits", "prompt": "a 3"}, 400, "send label"),
+    ({"run": "digits", "label": 10}, 422, "classes 0..9"),
+    ({"run": "digits"}, 400, "label is required"),
+    ({"run": "nope", "prompt": "x"}, 404, "no run 'nope'"),
+    ({"run": "t2i", "prompt": "x", "frames": 4}, 400, "frames: run 't2i' makes images"),
+    ({"run": "t2i", "prompt": "x", "height": 30, "width": 32}, 422, "multiples of 8"),
+    ({"run": "t2i", "prompt": "x", "height": 32}, 400, "both height and width"),
+    ({"run": "t2i", "prompt": "x", "sampler": "ddpm"}, 422, "euler or heun"),
+    ({"run": "t2v", "prompt": "x", "first_frame": "bm90IGFuIGltYWdl"}, 400, "first_frame is not an image"),
+    ({"run": "t2v", "prompt": "x", "first_frame": "%%%"}, 400, "not valid base64"),
+    ({"run": "t2v", "prompt": "x", "frames": 1000}, 422, "frames"),
+]
+
+
+@pytest.mark.parametrize("body,status,message", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_requests_get_a_4xx_json_error_and_the_server_lives_on(api, body, status, message):
+    if isinstance(body, str):
+        r = api.post("/api/generate", content=body, headers={"content-type": "application/json"})
+    else:
+        r = api.post("/api/generate", json=body)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert message in r.json()["error"]
+    assert png(api.post("/api/generate", json={"run": "digits", "label": 1, "steps": 1})).shape[:2] == (32, 32)
+
+
+def wait(api, job_id: str) -> dict:
+    for _ in range(1200):
+        state = api.get(f"/api/jobs/{job_id}").json()
+        if state["status"] in ("done", "error"):
+            return state
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def test_jobs_report_progress_and_their_items(api):
+    r = api.post("/api/jobs", json={"run": "digits", "label": 2, "n": 2, "steps": 3})
+    assert r.status_code == 202
+    state = wait(api, r.json()["id"])
+    assert state["status"] == "done" and state["progress"] == {"done": 6, "total": 6}
+    assert [i["settings"]["seed"] for i in state["items"]] == [0, 1]
+    assert png(api.get(state["items"][1]["url"])).shape[:2] == (32, 32)
+    assert api.get(f"/api/jobs/{state['id']}/items/2").status_code == 404
+    assert api.get("/api/jobs/404-0").status_code == 404
+
+
+def test_a_full_queue_says_try_later(runs):
+    studio = Studio([runs["digits"]], device="cpu", max_queue=1)
+    studio.loaded.wait(60)
+    release = threading.Event()
+    studio._sample = lambda job: release.wait(30)  # the worker is busy until released
+    from patchflow.serve import GenerateRequest
+
+    req = GenerateRequest(label=1)
+    first = studio.submit(req)
+    while first.status != "running":
+        time.sleep(0.01)
+    second = studio.submit(req)
+    with pytest.raises(RequestError, match="waiting already") as e:
+        studio.submit(req)
+    assert e.value.status == 503
+    assert studio.position(second) == 0
+    release.set()
+    assert second.finished.wait(30) and first.status == second.status == "done"
+
+
+def test_serve_errors_exit_2_with_a_message(runs, tmp_path, capsys):
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    assert "config.toml" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", str(runs["digits"]), "--port", str(taken.getsockname()[1])]) == 2
+    assert "pick another --port" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- the page
+
+
+def test_the_studio_page_in_chromium(server, tmp_path):
+    _, url = server
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("this is text, not a picture")
+    with chromium_page(1280, 860) as page:
+        page.goto(url)
+        page.wait_for_selector("body[data-ready='1']")
+        assert page.eval_on_selector_all("#run option", "o => o.map(e => e.value)") == ["digits", "t2i", "t2v"]
+
+        # a class run: the class picker, no prompt box
+        page.select_option("#run", "digits")
+        assert page.is_visible("#label") and not page.is_visible("#prompt")
+        page.select_option("#label", "4")
+        page.fill("#n", "2")
+        page.click("#generate")
+        page.wait_for_function("document.querySelectorAll('#gallery figure').length === 2", timeout=60000)
+
+        # bad input: an empty prompt, then an upload that is not an image -- messages on the page
+        page.select_option("#run", "t2v")
+        page.fill("#prompt", "")
+        page.click("#generate")
+        page.wait_for_selector("#error:not(.hidden)")
+        assert "prompt is empty" in page.inner_text("#error")
+        page.fill("#prompt", VIDEO_PROMPT)
+        page.set_input_files("#first-frame", str(not_an_image))
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#error').textContent.includes('not an image')")
+        page.set_input_files("#first-frame", [])
+
+        # a clip and a text-to-image sample
+        page.fill("#n", "1")
+        page.fill("#seed", "3")
+        page.click("#generate")
+        page.wait_for_function("document.querySelectorAll('#gallery figure').length === 3", timeout=60000)
+        assert page.is_hidden("#error")
+        page.select_option("#run", "t2i")
+        page.fill("#prompt", TEXT_PROMPT)
+        page.click("#generate")
+        page.wait_for_function("document.querySelectorAll('#gallery figure').length === 4", timeout=60000)
+
+        loaded = page.eval_on_selector_all("#gallery img", "imgs => imgs.map(i => i.complete && i.naturalWidth)")
+        assert loaded == [32] * 4
+        captions = page.eval_on_selector_all("#gallery figcaption", "cs => cs.map(c => c.textContent)")
+        assert TEXT_PROMPT in captions[0] and "seed 3" in captions[0]
+        assert VIDEO_PROMPT in captions[1] and "seed 3" in captions[1] and "4 frames" in captions[1]
+        assert ["seed 0" in captions[2], "seed 1" in captions[3]] == [True, True]  # a job's items in seed order
+        assert all("class 4" in c and "--label 4" in c for c in captions[2:])
+        kinds = [httpx.get(url + src).headers["content-type"] for src in
+                 page.eval_on_selector_all("#gallery img", "imgs => imgs.map(i => i.getAttribute('src'))")]
+        assert kinds == ["image/png", "image/gif", "image/png", "image/png"]
+        page.screenshot(path=str(DOCS / "studio.png"), full_page=True)
+    assert Image.open(DOCS / "studio.png").size[0] == 1280
