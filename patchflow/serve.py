@@ -43,6 +43,7 @@ MAX_GUIDANCE = 30.0
 MAX_FRAMES = 64
 MAX_SIDE = 512            # pixels, either side
 MAX_UPLOAD = 8 * 2**20    # bytes of a first frame, decoded
+MAX_BODY = 12 * 2**20     # bytes of a request body (the first frame in base64, and the rest)
 KEEP_JOBS = 256           # finished jobs whose results stay fetchable
 WAIT_S = 900              # /api/generate gives up (504) after this long
 
@@ -493,6 +494,15 @@ def build_app(studio: Studio):
     def _bug(request: Request, e: Exception):  # a JSON 500 at worst; the process keeps serving
         traceback.print_exception(e)
         return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next):  # before the body is read into memory
+        size = request.headers.get("content-length", "")
+        if size.isdigit() and int(size) > MAX_BODY:
+            return JSONResponse({"error": f"the request body is {int(size) / 2**20:.1f} MiB; at most "
+                                          f"{MAX_BODY // 2**20} MiB (a first frame of up to {MAX_UPLOAD // 2**20} "
+                                          f"MiB, base64)"}, status_code=413)
+        return await call_next(request)
 
     @app.get("/", response_class=HTMLResponse)
     def index():

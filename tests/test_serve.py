@@ -227,6 +227,15 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_lives_on(api, body, st
     assert png(api.post("/api/generate", json={"run": "digits", "label": 1, "steps": 1})).shape[:2] == (32, 32)
 
 
+def test_an_oversized_body_is_refused_before_it_is_read(api):
+    r = api.post("/api/generate", content=b"{" + b" " * (13 * 2**20) + b"}",
+                 headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "at most 12 MiB" in r.json()["error"]
+    big = base64.b64encode(b"\0" * (8 * 2**20 + 2**19)).decode()  # under the body limit, over the image limit
+    r = api.post("/api/generate", json={"run": "t2v", "prompt": "x", "first_frame": big})
+    assert r.status_code == 413 and "at most 8 MiB" in r.json()["error"]
+
+
 def wait(api, job_id: str) -> dict:
     for _ in range(1200):
         state = api.get(f"/api/jobs/{job_id}").json()
