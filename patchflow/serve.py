@@ -66,6 +66,7 @@ class ServedRun:
     path: Path
     pipe: object  # patchflow.pipeline.Pipeline
     example: str | None = None  # a caption of its data, shown as the prompt box's placeholder
+    class_names: list[str] | None = None  # a class run on class folders: label -> folder name (classes.json)
 
     @property
     def kind(self) -> str:
@@ -89,7 +90,7 @@ class ServedRun:
                 "height": h, "width": w, "size_step": self.size_step, "sizes": self.kind != "class",
                 "frames": pipe.pixel_frames() if pipe.is_video else None, "first_frame": self.takes_first_frame,
                 "example": self.example,
-                "num_classes": None if cfg.is_text_run else cfg.model.num_classes,
+                "num_classes": None if cfg.is_text_run else cfg.model.num_classes, "class_names": self.class_names,
                 "limits": {"n": MAX_N, "steps": MAX_STEPS, "guidance": MAX_GUIDANCE, "frames": MAX_FRAMES,
                            "side": MAX_SIDE}}
 
@@ -246,6 +247,18 @@ def example_prompt(cfg) -> str | None:
         return None
 
 
+def class_names(run_dir: Path) -> list[str] | None:
+    """The class folder names a class run trained on (RUN/classes.json), or None (a built-in world, or a file
+    that is not a list of names: the page then shows numbers)."""
+    import json
+
+    try:
+        names = json.loads((run_dir / "classes.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
+
+
 def reproduce_command(run: ServedRun, kw: dict, seed: int) -> str:
     """The `patchflow sample` line that draws this very sample."""
     parts = ["patchflow", "sample", str(run.path)]
@@ -306,6 +319,9 @@ class Job:
              "sampler": kw["sampler"]}
         if "labels" in kw:
             s["label"] = kw["labels"]
+            names = self.run.class_names or []
+            if kw["labels"] < len(names):
+                s["class_name"] = names[kw["labels"]]
         else:
             s["prompt"] = kw["prompt"]
             s["negative_prompt"] = kw.get("negative_prompt")
@@ -353,7 +369,7 @@ class Studio:
         try:
             for name, path in zip(self.names, self.paths):
                 pipe = Pipeline.load(path, ema=self.use_ema, device=self.device)
-                self.runs[name] = ServedRun(name, path, pipe, example_prompt(pipe.cfg))
+                self.runs[name] = ServedRun(name, path, pipe, example_prompt(pipe.cfg), class_names(path))
         except Exception as e:  # noqa: BLE001 -- shown on every request instead of a dead page
             self.load_error = f"could not load the runs: {type(e).__name__}: {e}"
             traceback.print_exc()

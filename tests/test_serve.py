@@ -341,3 +341,22 @@ def test_the_studio_page_in_chromium(server, tmp_path):
         assert kinds == ["image/png", "image/gif", "image/png", "image/png"]
         page.screenshot(path=str(DOCS / "studio.png"), full_page=True)
     assert Image.open(DOCS / "studio.png").size[0] == 1280
+
+
+def test_a_run_on_class_folders_names_its_classes(tmp_path):
+    from patchflow.serve import GenerateRequest
+
+    for c, colour in (("ant", 40), ("bee", 200)):
+        for i in range(2):
+            (tmp_path / "data" / c).mkdir(parents=True, exist_ok=True)
+            Image.new("L", (32, 32), colour + i).save(tmp_path / "data" / c / f"{i}.png")
+    run = tmp_path / "run"
+    train(load_config("digits", COMMON + ["model.preset=\"DiT-Micro/4\"", "model.num_classes=2",
+                                          "data.dataset=\"folder\"", "data.channels=1", "data.image_size=32",
+                                          f"data.path=\"{tmp_path / 'data'}\""]),
+          run, progress=False)
+    assert json.loads((run / "classes.json").read_text()) == ["ant", "bee"]
+    studio = Studio([run], device="cpu")
+    assert studio.runs_info()[0]["class_names"] == ["ant", "bee"]
+    job = studio.submit(GenerateRequest(label=1, steps=1))
+    assert job.finished.wait(60) and job.items[0][2]["class_name"] == "bee"

@@ -114,12 +114,13 @@ def _prepare_out_dir(out: Path) -> None:
                             f"pick another --out") from e
 
 
-def _check_classes(cfg: RunConfig) -> None:
-    """A class run on the user's folder: model.num_classes must cover its class folders (labels are positions;
-    a label >= num_classes would be taken for the null class of guidance, or fail in the embedding)."""
+def _check_classes(cfg: RunConfig) -> list[str]:
+    """The class folder names of a class run on the user's folder (label = position; [] otherwise), checked:
+    model.num_classes must cover them (a label >= num_classes would be taken for the null class of guidance, or
+    fail in the embedding)."""
     d = cfg.data
     if cfg.is_text_run or d.dataset not in ("folder", "video") or not Path(d.path).expanduser().is_dir():
-        return  # a missing folder is reported, with its key, when the data set is built
+        return []  # a missing folder is reported, with its key, when the data set is built
     from patchflow.data.folder import find_images
     from patchflow.data.video import find_clips
 
@@ -130,6 +131,7 @@ def _check_classes(cfg: RunConfig) -> None:
         raise ConfigError(f"data.path = {d.path!r} has {len(classes)} class folders ({', '.join(classes[:5])}"
                           f"{', ...' if len(classes) > 5 else ''}) but model.num_classes = {cfg.model.num_classes}; "
                           f"set model.num_classes = {len(classes)}")
+    return classes
 
 
 def _ignore_sigterm(worker_id: int) -> None:
@@ -172,7 +174,7 @@ class Trainer:
             from patchflow.conditioning import load_run_text_encoder
 
             self.text_encoder = load_run_text_encoder(cfg, self.device)
-        _check_classes(cfg)  # before a codec is trained on data whose labels the model cannot take
+        classes = _check_classes(cfg)  # before a codec is trained on data whose labels the model cannot take
         self.codec, self.encode = None, False
         if cfg.codec.source != "identity":  # before seeding: a codec preset may be trained first
             self._prepare_codec(resume)
@@ -223,6 +225,8 @@ class Trainer:
         if self.main:
             with self._stop_on_os_error("the run's config.toml"):
                 atomic_write_text(config_path, cfg.to_toml())
+                if classes:  # label -> class folder name, for people choosing a class (serve, sample)
+                    atomic_write_text(self.out / "classes.json", json.dumps(classes, indent=1))
 
     def _prepare_codec(self, resume: bool) -> None:
         """The run's codec and its data: cached latents when codec.cache allows (the main process builds a missing
