@@ -60,19 +60,25 @@ def _check_sampling_args(args) -> None:
     if args.sampler is not None and args.sampler not in ("euler", "heun", "ddpm", "ddim"):
         raise ValueError(f"--sampler {args.sampler!r} is not a sampler; choose euler or heun (flow runs), "
                          "ddpm or ddim (diffusion runs)")
-    if args.device != "auto":
-        import torch
+    _check_device(args.device)
 
-        try:
-            device = torch.device(args.device)
-        except (RuntimeError, ValueError):
-            device = None
-        if device is None or device.type not in ("cpu", "cuda"):
-            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: this machine has no CUDA device")
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA devices")
+
+def _check_device(name: str) -> None:
+    """--device: auto, cpu, or a CUDA device this machine has."""
+    if name == "auto":
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
 
 
 def _check_sampler(args, cfg) -> None:
@@ -602,6 +608,7 @@ def _demo_moving_digits(args) -> None:
 def cmd_serve(args) -> None:
     from patchflow.serve import serve
 
+    _check_device(args.device)
     serve(args.runs, host=args.host, port=args.port, device=args.device, max_queue=args.max_queue,
           use_ema=not args.no_ema)
 

@@ -284,6 +284,9 @@ def test_serve_errors_exit_2_with_a_message(runs, tmp_path, capsys):
         taken.listen()
         assert main(["serve", str(runs["digits"]), "--port", str(taken.getsockname()[1])]) == 2
     assert "pick another --port" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["serve", str(runs["digits"]), "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- the page
