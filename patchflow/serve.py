@@ -370,9 +370,8 @@ class Studio:
             for name, path in zip(self.names, self.paths):
                 pipe = Pipeline.load(path, ema=self.use_ema, device=self.device)
                 self.runs[name] = ServedRun(name, path, pipe, example_prompt(pipe.cfg), class_names(path))
-        except Exception as e:  # noqa: BLE001 -- shown on every request instead of a dead page
-            self.load_error = f"could not load the runs: {type(e).__name__}: {e}"
-            traceback.print_exc()
+        except Exception as e:  # noqa: BLE001 -- reported by serve(), which then stops, and on every request
+            self.load_error = f"could not load run {str(path)!r}: {e}"
         finally:
             self.loaded.set()
 
@@ -607,10 +606,16 @@ def serve(runs: list[str | Path], host: str = "127.0.0.1", port: int = 7860, dev
     print(f"patchflow serve: {len(studio.paths)} run(s) ({', '.join(studio.names)}); the studio at "
           f"http://{shown}:{port}/ , the API at http://{shown}:{port}/api/generate", flush=True)
 
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+
     def ready() -> None:  # say when the models are in memory: the first request is then served at once
         studio.loaded.wait()
-        print(f"patchflow serve: {'ready' if studio.load_error is None else studio.load_error} "
-              f"({time.perf_counter() - t0:.1f} s after start)", flush=True)
+        if studio.load_error is None:
+            print(f"patchflow serve: ready ({time.perf_counter() - t0:.1f} s after start)", flush=True)
+        else:  # a run that cannot load (missing weights, a codec gone): stop, rather than serve 503s
+            server.should_exit = True
 
     threading.Thread(target=ready, daemon=True).start()
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    server.run()
+    if studio.load_error is not None:
+        raise ValueError(studio.load_error)

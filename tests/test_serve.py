@@ -5,6 +5,7 @@ import io
 import json
 import os
 import shlex
+import shutil
 import socket
 import threading
 import time
@@ -284,6 +285,12 @@ def test_serve_errors_exit_2_with_a_message(runs, tmp_path, capsys):
         taken.listen()
         assert main(["serve", str(runs["digits"]), "--port", str(taken.getsockname()[1])]) == 2
     assert "pick another --port" in capsys.readouterr().err
+    broken = tmp_path / "broken"  # a run whose weights are gone: the server stops instead of answering 503s
+    shutil.copytree(runs["digits"], broken)
+    for f in [*broken.glob("*.safetensors"), *broken.glob("checkpoints/*/*.safetensors")]:
+        f.unlink()
+    assert main(["serve", str(broken), "--port", str(free_port())]) == 2
+    assert f"could not load run {str(broken)!r}" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["serve", str(runs["digits"]), "--device", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
