@@ -18,8 +18,8 @@ import json
 
 import numpy as np
 
-from patchflow.data.moving_digits import MovingDigitsDataset
-from patchflow.evaluate.clips import held_out_prompts, score_clips
+from patchflow.evaluate.clips import score_clips
+from patchflow.evaluate.video_run import _held_out
 from patchflow.pipeline import Pipeline
 
 
@@ -30,11 +30,9 @@ def digit_rate(stills: np.ndarray, prompts: list[str]) -> float:
 
 def probe(run: str, prompts: int, sdedit: int, strengths: list[float], seed: int) -> dict:
     pipe = Pipeline.load(run, device="cpu")
-    pairs = held_out_prompts(max(prompts, sdedit), seed=seed, frames=8, world_seed=pipe.cfg.data.seed)
-    texts = [p for p, _ in pairs]
+    texts, items, data = _held_out(pipe, max(prompts, sdedit), seed, frames=8)  # the set `patchflow eval` scores
     out = {"run": run, "still": digit_rate(pipe(prompt=texts[:prompts], frames=1, seed=seed), texts[:prompts])}
-    data = MovingDigitsDataset("val", seed=pipe.cfg.data.seed, frames=1)
-    firsts = [data.render(a["item"])[0] for _, a in pairs[:sdedit]]  # (1, 32, 32, 3) each
+    firsts = [data.render(i)[0][:1] for i in items[:sdedit]]  # (1, 32, 32, 3) each
     for s in strengths:
         stills = np.stack([pipe(prompt=p, video=f, strength=s, frames=1, seed=seed)[0]
                            for p, f in zip(texts[:sdedit], firsts)])
