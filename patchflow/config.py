@@ -126,6 +126,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
+    lr_schedule: str = "constant"         # after warmup: "constant", or decay to lr * lr_final by "cosine" or "linear"
+    lr_decay_steps: int = 0               # decay over the last N steps only (warmup-stable-decay); 0 = all after warmup
+    lr_final: float = 0.0                 # the decayed schedules end at lr * lr_final
     grad_clip: float = 1.0                # max global grad norm; 0 disables clipping
     ema_decay: float = 0.9999
     ema_warmup: bool = True               # decay min(ema_decay, (1 + n) / (10 + n)): useful EMA in short runs
@@ -154,7 +157,10 @@ class TrainConfig:
         for key in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "max_bad_steps"):
             _positive(f"train.{key}", getattr(self, key))
         _positive("train.lr", self.lr)
-        for key in ("warmup_steps", "keep_checkpoints", "keep_every", "sample_every", "num_threads", "weight_decay",
+        _choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
+        if not 0 <= self.lr_final <= 1:
+            raise ConfigError(f"train.lr_final must be in [0, 1] (a fraction of train.lr), got {self.lr_final}")
+        for key in ("warmup_steps", "lr_decay_steps", "keep_checkpoints", "keep_every", "sample_every", "num_threads", "weight_decay",
                     "grad_clip"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")

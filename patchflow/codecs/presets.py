@@ -22,6 +22,7 @@ def is_codec_preset(name: str) -> bool:
 # the training settings that decide a codec's weights (not logging, checkpointing, devices or later switches)
 TRAIN_KEYS = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "betas", "warmup_steps", "grad_clip",
               "ema_decay", "ema_warmup", "seed", "precision")
+SCHEDULE_KEYS = ("lr_schedule", "lr_decay_steps", "lr_final")  # in the hash when set, so older codecs keep theirs
 
 
 def cached_codec_dir(name: str) -> Path:
@@ -32,7 +33,9 @@ def cached_codec_dir(name: str) -> Path:
     from patchflow.data.latent_cache import data_identity
 
     cfg = load_config(name)
-    recipe = {"model": dataclasses.asdict(cfg.model), "train": {k: getattr(cfg.train, k) for k in TRAIN_KEYS},
-              "data": data_identity(cfg.data)}
+    default = type(cfg.train)()
+    train = {k: getattr(cfg.train, k) for k in TRAIN_KEYS}
+    train |= {k: getattr(cfg.train, k) for k in SCHEDULE_KEYS if getattr(cfg.train, k) != getattr(default, k)}
+    recipe = {"model": dataclasses.asdict(cfg.model), "train": train, "data": data_identity(cfg.data)}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     return cache_root() / "codecs" / f"{name}-{digest}"

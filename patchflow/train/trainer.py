@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import json
 import math
 import os
@@ -50,7 +51,7 @@ from patchflow.train.codec import inflation
 from patchflow.train.checkpoint import (atomic_write_text, latest_checkpoint, load_into, load_state, load_weights,
                                         save_checkpoint, step_of)
 from patchflow.train.ema import EMA
-from patchflow.train.optim import adamw
+from patchflow.train.optim import adamw, lr_factor
 from patchflow.train.run_log import (TimestepBins, model_times, open_tensorboard, tensorboard_record,
                                      tensorboard_samples)
 from patchflow.train.errors import TrainingError
@@ -69,10 +70,6 @@ class Preempted(SystemExit):
 
     def __str__(self) -> str:
         return self.message
-
-
-def warmup_lambda(warmup_steps: int):
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
 def _seed_everything(seed: int) -> None:
@@ -214,7 +211,9 @@ class Trainer:
         self.objective = objective_for_run(cfg)
         self.conditioning = build_conditioning(cfg, self.device, text_encoder=self._text_cache())
         self.opt = adamw(self.model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda(t.warmup_steps))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, functools.partial(
+            lr_factor, steps=t.steps, warmup_steps=t.warmup_steps, schedule=t.lr_schedule,
+            decay_steps=t.lr_decay_steps, final=t.lr_final))
         self.generator = torch.Generator(self.device).manual_seed(t.seed)
         self.step = 0
         self.bad_steps = 0   # non-finite steps skipped so far
@@ -584,7 +583,7 @@ class Trainer:
             from tqdm.auto import tqdm
             bar = tqdm(total=t.steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
         self._macs = {}  # forward MACs per item shape (a video run's images and clips differ)
-        self.loss_bins = TimestepBins()  # this process's samples (DDP ranks see the same timestep law)
+        self.loss_bins = TimestepBins()  # this process's samples; summed over processes when logged
         board = open_tensorboard(self.out, t.tensorboard and self.main, self.step)
         self.items = self.macs = 0
         window_start, window_steps, window_losses = time.perf_counter(), 0, []
@@ -611,7 +610,8 @@ class Trainer:
                               "mfu": mfu_of_macs(macs_per_s, self.peak_flops * self.dist.world),
                               "bad_steps": self.bad_steps}
                     if getattr(self.objective, "t_max", None):  # codec runs have no timestep
-                        record["loss_by_t"] = self.loss_bins.pop()
+                        record["loss_by_t"] = self.loss_bins.pop(
+                            lambda x: distributed.total(x, self.dist, self.device))
                     if not finite:
                         record["skipped"] = True
                     if log is not None:
