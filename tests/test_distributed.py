@@ -46,6 +46,10 @@ def losses(run):
     return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
 
 
+def by_t(run):
+    return [json.loads(line)["loss_by_t"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
 def weights(run, name="model.safetensors"):
     return load_file(str(run / name))
 
@@ -95,6 +99,10 @@ def test_two_processes_match_one_with_the_same_global_batch(single, single_accum
     out = tmp_path / parallel
     torchrun(out, parallel, f"train.steps={8 // accum}", "train.checkpoint_every=4", f"train.grad_accum={accum}")
     assert losses(out) == pytest.approx(losses(ref), rel=1e-4, abs=1e-6)
+    # loss_by_t covers both processes' samples: the one-process run's bins, filled the same way
+    for got, want in zip(by_t(out), by_t(ref), strict=True):
+        assert [v is None for v in got] == [v is None for v in want]
+        assert [v for v in got if v is not None] == pytest.approx([v for v in want if v is not None], rel=1e-3)
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = weights(ref, name), weights(out, name)
         assert a.keys() == b.keys()

@@ -22,6 +22,10 @@ def test_timestep_bins_average_each_bin_and_start_afresh():
     assert bins.pop() == [2.0, 5.0, None, 8.0]  # t = 1 falls in the last bin
     bins.add(torch.tensor([0.6]), torch.tensor([4.0]))
     assert bins.pop() == [None, None, 4.0, None]
+    other = TimestepBins(4)  # another process's window, summed in by `reduce` (an all-reduce in training)
+    other.add(torch.tensor([0.6, 0.05]), torch.tensor([8.0, 2.0]))
+    bins.add(torch.tensor([0.7]), torch.tensor([3.0]))
+    assert bins.pop(lambda both: both + torch.stack([other.sum, other.count])) == [2.0, None, 5.5, None]
 
 
 def test_model_times_take_the_noisy_frames_of_a_clip():

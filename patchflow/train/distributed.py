@@ -106,6 +106,15 @@ def mean(value: float, d: Dist, device: torch.device) -> float:
     return float(t) / d.world
 
 
+def total(t: torch.Tensor, d: Dist, device: torch.device) -> torch.Tensor:
+    """Sum a tensor over all processes (a copy on t's device; float64 sums stay exact for counts)."""
+    if d.world == 1:
+        return t
+    out = t.to(device)
+    dist.all_reduce(out)
+    return out.to(t.device)
+
+
 def barrier(d: Dist) -> None:
     if d.world > 1:
         dist.barrier()

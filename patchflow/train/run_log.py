@@ -28,9 +28,13 @@ class TimestepBins:
         self.sum.index_add_(0, index, losses.detach().double().cpu())
         self.count.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
 
-    def pop(self) -> list[float | None]:
-        """The window's mean loss per bin (None for a bin no sample fell in); starts a new window."""
-        means = [float(s / n) if n else None for s, n in zip(self.sum.tolist(), self.count.tolist())]
+    def pop(self, reduce=None) -> list[float | None]:
+        """The window's mean loss per bin (None for a bin no sample fell in); starts a new window. `reduce` sums
+        the (2, bins) sums and counts over processes (every process calls pop at the same step)."""
+        both = torch.stack([self.sum, self.count])
+        if reduce is not None:
+            both = reduce(both)
+        means = [float(s / n) if n else None for s, n in zip(both[0].tolist(), both[1].tolist())]
         self.reset()
         return means
 
