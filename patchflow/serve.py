@@ -482,6 +482,49 @@ def validation_message(errors: list[dict]) -> str:
     return "; ".join(parts)
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets a JSON 413 before the app reads it, whether its
+    Content-Length says so or a chunked body grows past the limit (read up to it, then refused)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        size = dict(scope["headers"]).get(b"content-length", b"").decode("latin-1")
+        if size.isdigit() and int(size) > self.limit:
+            return await self._refuse(scope, receive, send, f"{int(size) / 2**20:.1f} MiB")
+        chunks, total = [], 0
+        while True:  # buffer the body (at most `limit` bytes), then hand it on in one message
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            total += len(chunks[-1])
+            if total > self.limit:
+                return await self._refuse(scope, receive, send, f"over {self.limit / 2**20:.1f} MiB")
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: the client's disconnect
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send, size: str) -> None:
+        from fastapi.responses import JSONResponse
+
+        error = (f"the request body is {size}; at most {self.limit // 2**20} MiB (a first frame of up to "
+                 f"{MAX_UPLOAD // 2**20} MiB, base64)")
+        await JSONResponse({"error": error}, status_code=413)(scope, receive, send)
+
+
 def build_app(studio: Studio):
     """The FastAPI app over a Studio."""
     from fastapi import FastAPI, Request
@@ -510,14 +553,7 @@ def build_app(studio: Studio):
         traceback.print_exception(e)
         return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):  # before the body is read into memory
-        size = request.headers.get("content-length", "")
-        if size.isdigit() and int(size) > MAX_BODY:
-            return JSONResponse({"error": f"the request body is {int(size) / 2**20:.1f} MiB; at most "
-                                          f"{MAX_BODY // 2**20} MiB (a first frame of up to {MAX_UPLOAD // 2**20} "
-                                          f"MiB, base64)"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=MAX_BODY)
 
     @app.get("/", response_class=HTMLResponse)
     def index():
