@@ -409,6 +409,33 @@ def test_build_dataset_folder_and_video(tmp_path):
         build_dataset(DataConfig(dataset="video", path=str(tmp_path / "vid"), frames=3, short_clips="error"))
 
 
+@pytest.mark.parametrize("dataset", ["folder", "video"])
+def test_a_changed_folder_gets_another_latent_cache_and_a_named_one_is_refused(tmp_path, dataset):
+    import os
+
+    from patchflow.data.latent_cache import CacheError, check_cache, data_identity, default_cache_dir
+
+    root = tmp_path / "data"
+    make = (lambda p, c: solid(p.with_suffix(".png"), "RGB", (8, 8), c)) if dataset == "folder" else \
+        (lambda p, c: gif(p.with_suffix(".gif"), [c, c]))
+    make(root / "a", (255, 0, 0))
+    cfg = DataConfig(dataset=dataset, path=str(root), image_size=4, frames=2)
+    codec = {"kind": "identity"}
+    first, dirs = data_identity(cfg), {default_cache_dir(cfg, codec)}
+    assert data_identity(cfg) == first  # nothing changed: the same cache
+    make(root / "b", (0, 255, 0))  # a new file
+    dirs.add(default_cache_dir(cfg, codec))
+    os.utime(next(root.glob("a.*")), ns=(1, 1))  # a replaced file: other time stamps
+    dirs.add(default_cache_dir(cfg, codec))
+    assert len(dirs) == 3
+    named = tmp_path / "named"
+    named.mkdir()
+    (named / "cache.json").write_text(json.dumps({"format": "patchflow-latent-cache", "format_version": 1,
+                                                  "codec": codec, "data": first}))
+    with pytest.raises(CacheError, match=r"is stale: the files under data.path = .* changed since the cache was built"):
+        check_cache(named, cfg, codec)
+
+
 # ---- end to end ----------------------------------------------------------------------------------
 def mixed_folder(root):
     """20 files in 2 class folders: 17 readable images in 10 kinds of mode/format, 3 corrupt."""

@@ -11,7 +11,8 @@ end: a folder that has it is complete. A cache made with another codec, codec ve
 A captions file (data.dataset = "captions") has no labels: its cache holds only "latent", and a text run takes
 item i's caption from the file by index (`data.WithCaptions`), as it does for the built-in worlds. Its identity
 holds a fingerprint of the file (its bytes, and the size and modification time of every image or clip it names),
-so an edited file or a replaced image gives another cache. A file that mixes images and clips has latents of
+so an edited file or a replaced image gives another cache; an image or video folder's identity likewise holds the
+relative path, size and modification time of every file under it. A file that mixes images and clips has latents of
 several sizes: a shard whose items differ in size holds per size "latent.K" (n_K, c, t_K, h, w) and "index.K"
 (n_K,) int64, the items' positions in the shard ("latent_shape" in cache.json is then null, "latent_shapes" lists
 the sizes). Caches of one size are written as before.
@@ -55,6 +56,8 @@ def data_identity(cfg: DataConfig) -> dict:
         d["path"] = str(Path(d["path"]).expanduser().resolve())
     if cfg.dataset == "captions":
         d["content"] = captions_fingerprint(Path(cfg.path).expanduser())  # lines resolve as the data set's do
+    elif cfg.dataset in ("folder", "video"):
+        d["content"] = tree_fingerprint(Path(cfg.path).expanduser())
     return d
 
 
@@ -64,6 +67,15 @@ def _stat(path: Path) -> list:
     except OSError:
         return [None]
     return [st.st_size, st.st_mtime_ns]
+
+
+def tree_fingerprint(root: str | Path) -> str:
+    """A hash of the relative path, size and modification time of every file under an image or video folder:
+    adding, removing or replacing a file changes it; nothing is decoded."""
+    root = Path(root)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    listing = [[str(f.relative_to(root)), *_stat(f)] for f in files]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:32]
 
 
 def captions_fingerprint(jsonl: str | Path) -> str:
@@ -140,8 +152,9 @@ def check_cache(directory: Path, data: DataConfig, codec_identity: dict) -> dict
         if diff:
             raise CacheError(f"latent cache {directory} was made from other data (data.{', data.'.join(diff)} "
                              f"differ from this run's config); {rebuild}")
-        raise CacheError(f"latent cache {directory} is stale: the captions file data.path = {data.path!r} or the "
-                         f"images and clips it names changed since the cache was built; {rebuild}")
+        what = (f"the captions file data.path = {data.path!r} or the images and clips it names" if
+                data.dataset == "captions" else f"the files under data.path = {data.path!r}")
+        raise CacheError(f"latent cache {directory} is stale: {what} changed since the cache was built; {rebuild}")
     return meta
 
 
