@@ -119,6 +119,11 @@ def test_a_different_digit_in_one_frame_breaks_same_digit(reference, real, val, 
     assert not r.correct["same_digit"] and not r.correct["all"]
     assert r.correct["digit_frames"] == pytest.approx(8 / 9) and r.correct["colors"] == 1.0
     assert r.correct["direction"]  # frames 0-2 are untouched
+    # the same clip beside its original: frame 4 is the only one read wrong in one of the two
+    report = score_clips(np.stack([swapped, clips[k]]), [prompts[k]] * 2, classifier)
+    assert report.digit_by_frame == [1.0] * 4 + [0.5] + [1.0] * 4
+    assert report.as_dict()["digit_by_frame"] == report.digit_by_frame
+    assert "digit by frame: 100% 100% 100% 100% 50% 100%" in format_report(report)
 
 
 def test_wrong_colours_fail_colors(reference, real, classifier):

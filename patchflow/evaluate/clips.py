@@ -21,6 +21,8 @@ Per clip (unparsable prompts are counted as `unparsed` and left out of every fig
   is read (a static clip moves in no direction). Right when the direction read is the asked one; a clip with no
   ink in one of those frames reads none. With T = 2 the one step is used.
 - **all**: everything right at once: the asked digit in every frame, both colours in every frame, direction.
+- **digit_by_frame**: per frame index k, the share of clips (with a frame k) whose frame k reads as the asked
+  digit: where clips lose their digit (image-to-video keeps frame 0 by construction).
 
 Motion figures (px; lower is smoother; means over the clips with ink in every frame, `tracked` in the counts):
 - **smoothness**: the mean absolute second difference |c_{t+1} - 2 c_t + c_{t-1}| (Euclidean, px/frame^2) over
@@ -124,11 +126,12 @@ class ClipReport:
     counts: dict[str, int]
     unparsed: int
     n: int
+    digit_by_frame: list[float] = field(default_factory=list)  # frame k: share of the clips that have it
 
     def as_dict(self) -> dict:
         """The figures without the records (JSON-ready)."""
         return {"n": self.n, "unparsed": self.unparsed, "rates": dict(self.rates), "motion": dict(self.motion),
-                "counts": dict(self.counts)}
+                "counts": dict(self.counts), "digit_by_frame": list(self.digit_by_frame)}
 
 
 # ---- reading clips ---------------------------------------------------------------------------------------
@@ -283,7 +286,12 @@ def score_clips(clips, prompts, classifier=None) -> ClipReport:
     counts = {"clips": len(done), "frames": int(sum(frames)),
               "tracked": sum(r.seen.jitter is not None for r in done),
               "smoothness": sum(r.seen.smoothness is not None for r in done)}
-    return ClipReport(records, rates, motion, counts, unparsed=len(prompts) - len(parsed), n=len(prompts))
+    digit_by_frame = []
+    for k in range(max(frames, default=0)):
+        marks = [r.seen.digits[k] == r.asked["digit"] for r in done if len(r.seen.frames) > k]
+        digit_by_frame.append(float(np.mean(marks)))
+    return ClipReport(records, rates, motion, counts, unparsed=len(prompts) - len(parsed), n=len(prompts),
+                      digit_by_frame=digit_by_frame)
 
 
 def score_npz(path: str | os.PathLike, classifier=None) -> ClipReport:
@@ -367,5 +375,7 @@ def format_report(report: ClipReport, real: ClipReport | None = None) -> str:
         lines.append(f"| {m} ({units[m]}, lower is better) | {over} | {px(report, m)} |"
                      + (f" {px(real, m)} |" if real is not None else ""))
     lines.append("")
+    if report.digit_by_frame:  # where a clip loses its digit (image-to-video: right after the given frame)
+        lines.append("digit by frame: " + " ".join(f"{100 * v:.0f}%" for v in report.digit_by_frame))
     lines.append(f"unparsed: {report.unparsed} of {report.n} prompts")
     return "\n".join(lines)
