@@ -25,8 +25,7 @@ from patchflow.pipeline import Pipeline
 def probe(run: str, clips: int, sigmas: list[float], seed: int, frames: int = 8) -> dict:
     pipe = Pipeline.load(run, device="cpu")
     texts, items, data = _held_out(pipe, clips, seed, frames)  # the set `patchflow eval` scores
-    pixels = torch.from_numpy(np.stack([data.render(i)[0][:frames] for i in items]))
-    x0 = pipe.codec.encode(pixels.permute(0, 4, 1, 2, 3).float() / 127.5 - 1).float()  # (N, C, T, h, w)
+    x0 = pipe._encode(np.stack([data.render(i)[0][:frames] for i in items])).float()  # (N, C, T, h, w), as sampling
     cond, _ = build_conditioning(pipe.cfg, "cpu").pair(texts)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     out = {"run": run}

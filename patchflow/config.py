@@ -160,8 +160,8 @@ class TrainConfig:
         _choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
         if not 0 <= self.lr_final <= 1:
             raise ConfigError(f"train.lr_final must be in [0, 1] (a fraction of train.lr), got {self.lr_final}")
-        for key in ("warmup_steps", "lr_decay_steps", "keep_checkpoints", "keep_every", "sample_every", "num_threads", "weight_decay",
-                    "grad_clip"):
+        for key in ("warmup_steps", "lr_decay_steps", "keep_checkpoints", "keep_every", "sample_every", "num_threads",
+                    "weight_decay", "grad_clip"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

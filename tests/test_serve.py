@@ -361,7 +361,7 @@ def test_the_studio_page_in_chromium(server, tmp_path):
         assert kinds == ["image/png", "image/gif", "image/png", "image/png"]
         page.screenshot(path=str(tmp_path / "studio.png"), full_page=True)
     assert Image.open(tmp_path / "studio.png").size[0] == 1280
-    if os.environ.get("PATCHFLOW_UPDATE_DOCS") == "1":  # refresh docs/studio.png on purpose only, never as a side effect
+    if os.environ.get("PATCHFLOW_UPDATE_DOCS") == "1":  # refresh docs/studio.png on purpose, never as a side effect
         shutil.copyfile(tmp_path / "studio.png", DOCS / "studio.png")
 
 

@@ -69,11 +69,16 @@ def _stat(path: Path) -> list:
     return [st.st_size, st.st_mtime_ns]
 
 
+def _files_under(root: Path) -> list[Path]:
+    """Every file under a folder, recursively, in a fixed order (none for a missing folder)."""
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+
+
 def tree_fingerprint(root: str | Path) -> str:
     """A hash of the relative path, size and modification time of every file under an image or video folder:
     adding, removing or replacing a file changes it; nothing is decoded."""
     root = Path(root)
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    files = _files_under(root)
     listing = [[str(f.relative_to(root)), *_stat(f)] for f in files]
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:32]
 
@@ -98,9 +103,7 @@ def captions_fingerprint(jsonl: str | Path) -> str:
             path = parse_entry(line, jsonl.parent)[0]
         except BadEntry:
             continue
-        files = [path]
-        if path.is_dir():  # a clip given as a folder of frames
-            files = sorted(p for p in path.rglob("*") if p.is_file())
+        files = _files_under(path) if path.is_dir() else [path]  # a clip given as a folder of frames: all its files
         h.update(json.dumps([[str(f), *_stat(f)] for f in files]).encode())
     return h.hexdigest()[:32]
 
