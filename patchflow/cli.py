@@ -293,28 +293,55 @@ def cmd_eval(args) -> None:
     print(f"class accuracy: {result['accuracy']:.4f}   (classifier on real validation digits: "
           f"{result['classifier_val_accuracy']:.4f})")
     print(f"Frechet distance (classifier features): {result['fd']:.3f}   (real-data ceiling: {result['fd_real']:.3f})")
+    _write_json(args, result)
+
+
+def _write_json(args, result) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 
 
 def _eval_prompts_npz(args, src: Path) -> None:
     """An .npz of a text run's samples (images, prompts): how often each shows what its prompt asked."""
-    from patchflow.evaluate.prompts import format_report, score_npz
+    from patchflow.evaluate import prompts
 
-    report = score_npz(src)
-    print(format_report(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report.as_dict(), indent=2))
+    _print_npz_report(args, src, prompts)
 
 
 def _eval_clips_npz(args, src: Path) -> None:
     """An .npz of a video run's clips (videos, prompts): digit, colours and motion per clip (evaluate.clips)."""
-    from patchflow.evaluate.clips import format_report, score_npz
+    from patchflow.evaluate import clips
 
-    report = score_npz(src)
-    print(format_report(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report.as_dict(), indent=2))
+    _print_npz_report(args, src, clips)
+
+
+def _print_npz_report(args, src: Path, scorer) -> None:
+    """scorer: evaluate.prompts or evaluate.clips (score_npz, format_report)."""
+    report = scorer.score_npz(src)
+    print(scorer.format_report(report))
+    _write_json(args, report.as_dict())
+
+
+def _eval_world_run(args, src: Path, cfg, *, world: str, what: str, limit: int, curve, score) -> None:
+    """What text and video runs share: the run must train on `world`, --prompts be in 1..limit; then the learning
+    curve (curve(n) -> (rows, printed table)) or score(pipe, n) -> the figures, printed by score, JSON-able."""
+    from patchflow.pipeline import Pipeline
+
+    if cfg.data.dataset != world:
+        raise ValueError(f"patchflow eval scores {what} of the built-in {world} world; {src} trains on "
+                         f"{cfg.data.dataset} (sample it with --prompts-file --out samples.npz and score that)")
+    _check_sampler(args, cfg)
+    n = args.prompts
+    if not 1 <= n <= limit:
+        raise ValueError(f"--prompts must be in 1..{limit} (the held-out items), got {n}")
+    if args.curve:
+        rows, table = curve(n)
+        if not rows:
+            raise ValueError(f"{src}/checkpoints holds no checkpoint to score")
+        print(table)
+        _write_json(args, rows)
+    else:
+        _write_json(args, score(Pipeline.load(src, ema=not args.no_ema, device=args.device), n))
 
 
 def _eval_video(args, src: Path, cfg) -> None:
@@ -323,29 +350,17 @@ def _eval_video(args, src: Path, cfg) -> None:
     from patchflow.evaluate import video_run
     from patchflow.evaluate.clips import RATES
     from patchflow.evaluate.text_run import format_curve
-    from patchflow.pipeline import Pipeline
 
-    if cfg.data.dataset != "moving-digits":
-        raise ValueError(f"patchflow eval scores video runs of the built-in moving-digits world; {src} trains on "
-                         f"{cfg.data.dataset} (sample it with --prompts-file --out clips.npz and score that)")
-    _check_sampler(args, cfg)
-    n = args.prompts
-    if not 1 <= n <= 500:
-        raise ValueError(f"--prompts must be in 1..500 (the held-out clips), got {n}")
     frames = args.frames or video_run.FRAMES
-    if args.curve:
-        curve = video_run.learning_curve(src, n=n, seed=args.seed, frames=frames, steps=args.steps,
-                                         guidance=args.guidance)
-        if not curve:
-            raise ValueError(f"{src}/checkpoints holds no checkpoint to score")
-        print(format_curve(curve, RATES))
-        if args.json:
-            Path(args.json).write_text(json.dumps(curve, indent=2))
-        return
-    pipe = Pipeline.load(src, ema=not args.no_ema, device=args.device)
-    result = _score_video(pipe, n, frames, args.seed, args.steps, args.guidance, not args.quiet)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+
+    def curve(n):
+        rows = video_run.learning_curve(src, n=n, seed=args.seed, frames=frames, steps=args.steps,
+                                        guidance=args.guidance)
+        return rows, format_curve(rows, RATES)
+
+    _eval_world_run(args, src, cfg, world="moving-digits", what="video runs", limit=500, curve=curve,
+                    score=lambda pipe, n: _score_video(pipe, n, frames, args.seed, args.steps, args.guidance,
+                                                       not args.quiet))
 
 
 def _score_video(pipe, n: int, frames: int, seed: int, steps, guidance, progress: bool) -> dict:
@@ -369,31 +384,21 @@ def _eval_text(args, src: Path, cfg) -> None:
     """A color-digits text run: prompt following on held-out prompts (canonical, paraphrased, numbers) beside the
     real held-out images, or with --curve the learning curve over the run's kept checkpoints."""
     from patchflow.evaluate.text_run import evaluate_pipeline, format_curve, learning_curve
-    from patchflow.pipeline import Pipeline
 
-    if cfg.data.dataset != "color-digits":
-        raise ValueError(f"patchflow eval scores prompt following on the built-in color-digits world; {src} trains on "
-                         f"{cfg.data.dataset} (sample it with --prompts-file and score the .npz your own way)")
-    _check_sampler(args, cfg)
-    n = args.prompts
-    if not 1 <= n <= 1000:
-        raise ValueError(f"--prompts must be in 1..1000 (the held-out items), got {n}")
-    if args.curve:
-        curve = learning_curve(src, n=n, seed=args.seed, steps=args.steps, guidance=args.guidance)
-        if not curve:
-            raise ValueError(f"{src}/checkpoints holds no checkpoint to score")
-        print(format_curve(curve))
-        if args.json:
-            Path(args.json).write_text(json.dumps(curve, indent=2))
-        return
-    pipe = Pipeline.load(src, ema=not args.no_ema, device=args.device)
-    sets = {"canonical": n, "paraphrase": max(1, n * 3 // 5), "number": min(239, max(1, n * 2 // 5))}
-    result = evaluate_pipeline(pipe, sets, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                               progress=not args.quiet)
-    for kind, r in result.items():
-        print(f"\n{kind} prompts ({r['model']['n']}), model vs real held-out images:\n{r['table']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    def curve(n):
+        rows = learning_curve(src, n=n, seed=args.seed, steps=args.steps, guidance=args.guidance)
+        return rows, format_curve(rows)
+
+    def score(pipe, n):
+        sets = {"canonical": n, "paraphrase": max(1, n * 3 // 5), "number": min(239, max(1, n * 2 // 5))}
+        result = evaluate_pipeline(pipe, sets, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                                   progress=not args.quiet)
+        for kind, r in result.items():
+            print(f"\n{kind} prompts ({r['model']['n']}), model vs real held-out images:\n{r['table']}")
+        return result
+
+    _eval_world_run(args, src, cfg, world="color-digits", what="prompt following", limit=1000, curve=curve,
+                    score=score)
 
 
 def _eval_codec(args, src: Path, cfg) -> None:
@@ -414,8 +419,7 @@ def _eval_codec(args, src: Path, cfg) -> None:
         print(f"colours: mean RGB error {r['stroke_rgb_error']:.1f} on strokes, {r['background_rgb_error']:.1f} on "
               f"backgrounds; named colour kept {r['stroke_color_kept']:.4f} (digit), "
               f"{r['background_color_kept']:.4f} (background)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(r, indent=2))
+    _write_json(args, r)
 
 
 def cmd_convert(args) -> None:
@@ -610,7 +614,7 @@ def cmd_serve(args) -> None:
 
     _check_device(args.device)
     serve(args.runs, host=args.host, port=args.port, device=args.device, max_queue=args.max_queue,
-          use_ema=not args.no_ema)
+          use_ema=not args.no_ema, token=args.token or os.environ.get("PATCHFLOW_SERVE_TOKEN") or None)
 
 
 def cmd_report(args) -> None:
@@ -723,6 +727,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--max-queue", type=int, default=32, help="requests waiting at most; more get 503 (try later)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--token",
+                   help="the API then needs it: 'Authorization: Bearer TOKEN', or open /?token=TOKEN once in a "
+                        "browser (default: $PATCHFLOW_SERVE_TOKEN; none = open)")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("report", help="one self-contained HTML page of a run: curves, samples, eval, config")

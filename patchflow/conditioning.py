@@ -104,7 +104,7 @@ def load_run_text_encoder(cfg, device: torch.device | str = "cpu"):
     from patchflow.config import ConfigError
     from patchflow.text import load_text_encoder
 
-    encoder = load_text_encoder(cfg.text.encoder, max_length=cfg.text.max_length)
+    encoder = load_text_encoder(cfg.text.encoder, max_length=cfg.text.max_length, padding=cfg.text.padding)
     m = cfg.model
     for key, have in (("text_dim", encoder.dim), ("pooled_dim", encoder.pooled_dim)):
         if getattr(m, key) != have:

@@ -21,6 +21,7 @@ import collections
 import io
 import itertools
 import queue
+import re
 import shlex
 import threading
 import time
@@ -525,8 +526,54 @@ class BodyLimit:
         await JSONResponse({"error": error}, status_code=413)(scope, receive, send)
 
 
-def build_app(studio: Studio):
-    """The FastAPI app over a Studio."""
+class TokenGate:
+    """ASGI middleware: with a token, every /api/ request must carry it, as `Authorization: Bearer TOKEN` (scripts)
+    or the cookie that opening /?token=TOKEN sets (the page, whose images are plain <img> requests); else a JSON
+    401 that says how. The page itself and /api/health stay open (no samples, no runs named)."""
+
+    COOKIE = "patchflow_token"
+
+    def __init__(self, app, token: str):
+        self.app, self.token = app, token.encode()
+
+    def _offered(self, scope) -> dict[str, bool]:
+        """Whether the header, the cookie and the query string each carry the token."""
+        import hmac
+        from http.cookies import CookieError, SimpleCookie
+        from urllib.parse import parse_qs
+
+        headers = dict(scope["headers"])
+        bearer = headers.get(b"authorization", b"")
+        try:
+            cookie = SimpleCookie(headers.get(b"cookie", b"").decode("latin-1"))
+        except CookieError:  # a malformed Cookie header carries no token
+            cookie = SimpleCookie()
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [""])[0]
+        offered = {"header": bearer[7:].strip() if bearer[:7].lower() == b"bearer " else b"",
+                   "cookie": cookie[self.COOKIE].value.encode() if self.COOKIE in cookie else b"",
+                   "query": query.encode()}
+        return {k: hmac.compare_digest(v, self.token) for k, v in offered.items()}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from fastapi.responses import JSONResponse, Response
+
+        path, offered = scope["path"], self._offered(scope)
+        if path == "/" and offered["query"]:  # remember it for the page's own requests; drop it from the address
+            cookie = f"{self.COOKIE}={self.token.decode()}; Path=/; HttpOnly; SameSite=Strict"
+            return await Response(status_code=303, headers={"Location": "/", "Set-Cookie": cookie})(
+                scope, receive, send)
+        if path.startswith("/api/") and path != "/api/health" and not any(offered.values()):
+            error = ("this server needs its token (patchflow serve --token): send the header 'Authorization: Bearer "
+                     "TOKEN', or open /?token=TOKEN in the browser once")
+            return await JSONResponse({"error": error}, status_code=401,
+                                      headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def build_app(studio: Studio, token: str | None = None):
+    """The FastAPI app over a Studio; with a token, the API needs it (TokenGate)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -554,6 +601,8 @@ def build_app(studio: Studio):
         return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
 
     app.add_middleware(BodyLimit, limit=MAX_BODY)
+    if token:
+        app.add_middleware(TokenGate, token=token)  # added last, so it runs first: no body is read without it
 
     @app.get("/", response_class=HTMLResponse)
     def index():
@@ -623,8 +672,8 @@ def check_port(host: str, port: int) -> None:
 
 
 def serve(runs: list[str | Path], host: str = "127.0.0.1", port: int = 7860, device: str = "auto",
-          max_queue: int = 32, use_ema: bool = True) -> None:
-    """Serve the studio until interrupted (Ctrl-C)."""
+          max_queue: int = 32, use_ema: bool = True, token: str | None = None) -> None:
+    """Serve the studio until interrupted (Ctrl-C). token: the API needs it (TokenGate); None or "" = open."""
     try:
         import uvicorn
     except ImportError:
@@ -634,13 +683,20 @@ def serve(runs: list[str | Path], host: str = "127.0.0.1", port: int = 7860, dev
         raise ValueError(f"--port must be in 1..65535, got {port}")
     if max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1, got {max_queue}")
+    if token is not None and not re.fullmatch(r"[A-Za-z0-9._~-]{8,}", token):
+        raise ValueError("--token must be at least 8 characters of A-Z a-z 0-9 . _ ~ - (it travels in a URL and a "
+                         "cookie); e.g. python -c 'import secrets; print(secrets.token_urlsafe())'")
+    if not token and host not in ("127.0.0.1", "localhost", "::1"):
+        warnings.warn(f"serving on {host} without --token: anyone who reaches port {port} can sample the runs",
+                      stacklevel=2)
     check_port(host, port)
     t0 = time.perf_counter()
     studio = Studio(runs, device=device, max_queue=max_queue, use_ema=use_ema)
-    app = build_app(studio)
+    app = build_app(studio, token)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    print(f"patchflow serve: {len(studio.paths)} run(s) ({', '.join(studio.names)}); the studio at "
-          f"http://{shown}:{port}/ , the API at http://{shown}:{port}/api/generate", flush=True)
+    page = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
+    print(f"patchflow serve: {len(studio.paths)} run(s) ({', '.join(studio.names)}); the studio at {page} , the API "
+          f"at http://{shown}:{port}/api/generate" + (" (Authorization: Bearer TOKEN)" if token else ""), flush=True)
 
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
 

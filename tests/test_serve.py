@@ -287,6 +287,32 @@ def test_a_full_queue_says_try_later(runs):
     assert second.finished.wait(30) and first.status == second.status == "done"
 
 
+def test_a_token_guards_the_api_and_the_page_keeps_it_in_a_cookie(runs):
+    from starlette.testclient import TestClient
+
+    studio = Studio([runs["digits"]], device="cpu")
+    studio.loaded.wait(60)
+    token = "s3cret-Token_1"
+    with TestClient(build_app(studio, token)) as client:
+        refused = client.get("/api/runs")
+        assert refused.status_code == 401 and "Authorization: Bearer TOKEN" in refused.json()["error"]
+        assert client.get("/api/runs", headers={"Authorization": "Bearer s3cret-Token_2"}).status_code == 401
+        assert client.post("/api/generate", content=b"x" * (13 * 2**20)).status_code == 401  # before the body
+        assert client.get("/api/health").status_code == 200 and client.get("/").status_code == 200
+        runs_ok = client.get("/api/runs", headers={"Authorization": f"Bearer {token}"})
+        assert runs_ok.status_code == 200 and [r["name"] for r in runs_ok.json()["runs"]] == ["digits"]
+        page = client.get(f"/?token={token}", follow_redirects=False)
+        assert page.status_code == 303 and page.headers["location"] == "/"
+        assert "HttpOnly" in page.headers["set-cookie"] and "SameSite=Strict" in page.headers["set-cookie"]
+        state = client.post("/api/jobs", json={"label": 3, "steps": 2}).json()  # the cookie alone now
+        while state["status"] not in ("done", "error"):
+            time.sleep(0.05)
+            state = client.get(f"/api/jobs/{state['id']}").json()
+        assert png(client.get(state["items"][0]["url"])).shape[:2] == (32, 32)
+        client.cookies.clear()
+        assert client.get(state["items"][0]["url"]).status_code == 401
+
+
 def test_serve_errors_exit_2_with_a_message(runs, tmp_path, capsys):
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert "config.toml" in capsys.readouterr().err
@@ -301,6 +327,8 @@ def test_serve_errors_exit_2_with_a_message(runs, tmp_path, capsys):
         f.unlink()
     assert main(["serve", str(broken), "--port", str(free_port())]) == 2
     assert f"could not load run {str(broken)!r}" in capsys.readouterr().err
+    assert main(["serve", str(runs["digits"]), "--token", "short"]) == 2
+    assert "--token must be at least 8 characters" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["serve", str(runs["digits"]), "--device", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err

@@ -247,6 +247,46 @@ def test_joint_clip_clip_t5_layout(tiny):
     assert (clips.dim, clips.pooled_dim) == (40, 20) and torch.equal(cemb.tokens, clip_block[:, :, :40])
 
 
+def test_max_length_padding_reads_the_padding_as_sd3_pipelines_do(tiny, minilm, tmp_path):
+    dirs, models = tiny
+    t5 = load_text_encoder(dirs["t5"], max_length=40, padding="max_length")
+    emb = t5.encode(CAPTIONS)
+    assert emb.tokens.shape == (4, 40, 48) and bool(emb.mask.all())
+    ids = t5.tokenizer(CAPTIONS[2], padding="max_length", max_length=40, return_tensors="pt")["input_ids"]
+    with torch.no_grad():  # no attention mask: the pad tokens are attended, so the real tokens change too
+        unmasked = models["t5"](input_ids=ids).last_hidden_state
+    assert torch.allclose(emb.tokens[2], unmasked[0], atol=1e-5)
+    masked = real_rows(load_text_encoder(dirs["t5"], max_length=40).encode(CAPTIONS))[2]
+    assert not torch.allclose(emb.tokens[2, :len(masked)], masked, atol=1e-3)
+    assert t5.identity() != load_text_encoder(dirs["t5"], max_length=40).identity()  # caches keep them apart
+    joint = load_text_encoder([dirs["clip_l"], dirs["clip_g"], dirs["t5"]], max_length=50, padding="max_length")
+    assert joint.encode(CAPTIONS).tokens.shape == (4, 40 + 50, 48)  # CLIPs at their 40 positions, then T5
+    with pytest.raises(TextEncoderError, match="padding 'max_length' is for CLIP and T5"):
+        load_text_encoder("minilm", padding="max_length")
+    with pytest.raises(TextEncoderError, match="text padding must be one of longest, max_length"):
+        load_text_encoder(dirs["t5"], padding="left")
+    from patchflow.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="text.padding"):
+        load_config("color-digits", ["text.padding=\"left\""])
+
+
+def test_a_pipeline_text_encoder_folder_takes_its_sibling_tokenizer(tiny, tmp_path):
+    dirs, _ = tiny
+    for name in ("text_encoder_3", "tokenizer_3"):
+        (tmp_path / name).mkdir()
+    for f in dirs["t5"].iterdir():  # the layout a diffusers pipeline saves: model and tokenizer in two folders
+        model_file = f.name in ("config.json", "model.safetensors", "generation_config.json")
+        shutil.copy(f, tmp_path / ("text_encoder_3" if model_file else "tokenizer_3") / f.name)
+    assert not any("token" in f.name for f in (tmp_path / "text_encoder_3").iterdir())
+    split = load_text_encoder(tmp_path / "text_encoder_3")
+    together = load_text_encoder(dirs["t5"])
+    assert torch.equal(split.encode(CAPTIONS).tokens, together.encode(CAPTIONS).tokens)
+    shutil.rmtree(tmp_path / "tokenizer_3")
+    with pytest.raises(TextEncoderError, match="has no tokenizer files"):
+        load_text_encoder(tmp_path / "text_encoder_3")
+
+
 def test_text_embedding_rows_cat_and_index():
     a = TextEmbedding.from_rows([(torch.ones(2, 3), torch.zeros(1)), (torch.ones(4, 3), torch.ones(1))], 3, 1)
     b = TextEmbedding.from_rows([(torch.full((5, 3), 2.0), torch.ones(1))], 3, 1)

@@ -55,7 +55,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from patchflow.config import DataConfig, FlowConfig, RunConfig, SampleConfig, from_dict, tomllib
+from patchflow.config import (CodecConfig, DataConfig, FlowConfig, RunConfig, SampleConfig, TextConfig, from_dict,
+                              tomllib)
 from patchflow.convert.dit import DIFFUSERS_WEIGHTS, _check_out_dir, load_diffusers_dit
 from patchflow.models.embed import CroppedPositions
 from patchflow.models.mmdit import MMDiT
@@ -74,6 +75,8 @@ SD3_DEFAULTS = {
 }
 QK_NORMS = {None: False, "rms_norm": True}  # diffusers' qk_norm -> MMDiTConfig.qk_norm
 POS_EMBED_ATOL = 1e-5
+SD3_TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # CLIP-L, CLIP-G, T5-XXL
+SD3_T5_LENGTH = 256  # StableDiffusion3Pipeline's max_sequence_length (CLIPs: their 77 positions)
 SD3_SAMPLING = {"sampler": "euler", "steps": 28, "guidance": 7.0}  # StableDiffusion3Pipeline's defaults
 SD3_SHIFT = 3.0  # the flow shift of SD3's and SD3.5's schedulers, when the folder has no scheduler config
 
@@ -350,11 +353,35 @@ def _flow_shift(src: Path) -> float:
     return float(shift) if isinstance(shift, (int, float)) and shift > 0 else SD3_SHIFT
 
 
-def _run_config(cfg: MMDiTConfig, shift: float) -> RunConfig:
-    """A rectified flow sampled like StableDiffusion3Pipeline: 28 Euler steps, guidance 7, the scheduler's shift.
-    [data] names a built-in captioned world only so the config validates; fine-tuning needs a data set set."""
+def _pipeline_parts(src: Path, cfg: MMDiTConfig) -> dict:
+    """A whole SD3 pipeline folder -> its [text] and [codec] settings: the three text encoders (each with its
+    tokenizer_N folder), joined and padded SD3's way, and its vae/. {} for a lone transformer folder."""
+    src = src.expanduser().resolve()
+    folders = [src / name for name in SD3_TEXT_ENCODERS]
+    if not (src / "model_index.json").is_file() or not all((f / "config.json").is_file() for f in folders):
+        return {}
+    if any("," in str(f) for f in folders):
+        raise ValueError(f"{src}: a path with a comma cannot name text encoders ([text] encoder is comma-separated);"
+                         f" move or rename the pipeline folder")
+    clip_l, clip_g, t5 = (json.loads((f / "config.json").read_text()) for f in folders)
+    width = max(clip_l["hidden_size"] + clip_g["hidden_size"], t5["d_model"])  # joined as text/joint.py does
+    pooled = clip_l["projection_dim"] + clip_g["projection_dim"]
+    if (width, pooled) != (cfg.text_dim, cfg.pooled_dim):
+        raise ValueError(f"{src}: its text encoders give {width}-wide tokens and {pooled}-wide pooled vectors, its "
+                         f"transformer takes {cfg.text_dim} and {cfg.pooled_dim}; the folder mixes models")
+    parts = {"text": TextConfig(encoder=",".join(map(str, folders)), max_length=SD3_T5_LENGTH, padding="max_length")}
+    if (src / "vae" / "config.json").is_file():
+        parts["codec"] = CodecConfig(source=str(src / "vae"))
+    return parts
+
+
+def _run_config(cfg: MMDiTConfig, shift: float, parts: dict | None = None) -> RunConfig:
+    """A rectified flow sampled like StableDiffusion3Pipeline: 28 Euler steps, guidance 7, the scheduler's shift;
+    parts: a pipeline folder's [text] and [codec] (_pipeline_parts). [data] names a built-in captioned world only so
+    the config validates; fine-tuning needs a data set set."""
     run = RunConfig(model=cfg, flow=FlowConfig(objective="rectified", shift=shift),
-                    data=DataConfig(dataset="color-digits"), sample=SampleConfig(**SD3_SAMPLING)).validate()
+                    data=DataConfig(dataset="color-digits"), sample=SampleConfig(**SD3_SAMPLING),
+                    **(parts or {})).validate()
     from_dict(tomllib.loads(run.to_toml()))  # what patchflow.load will read must parse back
     return run
 
@@ -369,7 +396,7 @@ def import_diffusers_sd3(src, out_dir) -> Path:
     folder = _model_folder(src)
     config, state_dict = load_diffusers_dit(folder)  # config.json + single or sharded safetensors; .bin refused
     cfg, weights = diffusers_sd3_to_patchflow(state_dict, config, source=str(folder))
-    toml = _run_config(cfg, _flow_shift(Path(src))).to_toml()
+    toml = _run_config(cfg, _flow_shift(Path(src)), _pipeline_parts(Path(src), cfg)).to_toml()
     out.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "converted_from": f"diffusers-sd3:{Path(src).name}"}
     atomic_save_safetensors(weights, out / "model.safetensors", metadata=metadata)

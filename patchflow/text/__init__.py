@@ -41,7 +41,10 @@ def parse_spec(spec) -> list[str]:
     return parts
 
 
-def _load_one(spec: str, max_length: int | None, fit: bool) -> FrozenTextEncoder:
+def _load_one(spec: str, max_length: int | None, fit: bool, padding: str) -> FrozenTextEncoder:
+    if padding != "longest" and (spec == DEFAULT_SPEC or (Path(spec).expanduser() / "modules.json").is_file()):
+        raise TextEncoderError(f"padding {padding!r} is for CLIP and T5 encoders (SD3's way); {spec!r} is a "
+                               f"sentence encoder, whose mean pools over real tokens: leave padding \"longest\"")
     if spec == DEFAULT_SPEC:
         return MiniLMEncoder(max_length=max_length, fit_max_length=fit)
     directory = Path(spec).expanduser()
@@ -53,18 +56,20 @@ def _load_one(spec: str, max_length: int | None, fit: bool) -> FrozenTextEncoder
                                f"exists; give \"{DEFAULT_SPEC}\" or a CLIP / T5 / sentence-transformers folder")
     if (directory / "modules.json").is_file():  # a sentence-transformers folder (mean pooling)
         return MiniLMEncoder(directory, max_length=max_length, fit_max_length=fit)
-    return load_transformers_encoder(directory, max_length=max_length, fit_max_length=fit)
+    return load_transformers_encoder(directory, max_length=max_length, fit_max_length=fit, padding=padding)
 
 
-def load_text_encoder(spec="minilm", max_length: int | None = None):
+def load_text_encoder(spec="minilm", max_length: int | None = None, padding: str = "longest"):
     """A frozen text encoder from `spec`:
       "minilm"                 the installed all-MiniLM-L6-v2 (default max_length 32)
       a directory              a CLIP text model (max_length 77), a T5 encoder (256), or a sentence-transformers
                                mean-pooling folder; the kind is read from config.json / modules.json
       "a,b,c" or [a, b, c]     a JointTextEncoder of those, joined SD3's way (use the list for paths with commas)
     max_length None keeps each encoder's default; a number applies to each encoder (in a joint encoder lowered to
-    an encoder's position limit, e.g. CLIP's 77; alone, more than the limit is an error)."""
+    an encoder's position limit, e.g. CLIP's 77; alone, more than the limit is an error). padding "longest" pads
+    a batch to its longest prompt and masks the padding; "max_length" (CLIP, T5) pads every prompt to max_length
+    and the padding is read, as SD3's pipelines do (for converted SD3 checkpoints)."""
     parts = parse_spec(spec)
     if len(parts) == 1:
-        return _load_one(parts[0], max_length, fit=False)
-    return JointTextEncoder([_load_one(p, max_length, fit=True) for p in parts])
+        return _load_one(parts[0], max_length, fit=False, padding=padding)
+    return JointTextEncoder([_load_one(p, max_length, fit=True, padding=padding) for p in parts])

@@ -7,13 +7,16 @@ model.safetensors, tokenizer files), frozen, never downloading.
 - T5 (model_type "t5"): `T5EncoderModel`; tokens = the last hidden state (B, L, d_model), no pooled vector (P = 0).
 
 `TransformersTextEncoder` holds what they share (and MiniLM reuses): tokenizing with right padding to the longest
-prompt and one truncation warning per call, zeroed padding, and an identity hashed from the folder's files.
+prompt and one truncation warning per call, zeroed padding, and an identity hashed from the folder's files. With
+padding="max_length" (CLIP and T5) every prompt is padded to max_length and the padding is read, not masked, as SD3's
+pipelines encode prompts. A diffusers pipeline's text_encoder_N folder takes its tokenizer from tokenizer_N.
 Weights load in float32 from safetensors only: pickled `.bin` weights are refused (loading a pickle can run code).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from abc import abstractmethod
 from pathlib import Path
@@ -26,6 +29,7 @@ VERSION = 1  # bump when what an encoder computes from the same files changes: c
 CLIP_TYPES = ("clip_text_model", "clip")
 T5_TYPES = ("t5",)
 T5_DEFAULT_MAX_LENGTH = 256  # SD3's T5 sequence length; T5's relative positions have no hard limit
+PADDINGS = ("longest", "max_length")  # to the batch's longest prompt, masked / to max_length, read (SD3's pipelines)
 TOKENIZER_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("spiece.model",), ("vocab.txt",))
 TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -77,15 +81,31 @@ def weight_files(directory: Path) -> list[Path]:
                            f"its shards) is missing")
 
 
+def _tokenizer_set(directory: Path) -> tuple[str, ...] | None:
+    return next((names for names in TOKENIZER_SETS if all((directory / n).is_file() for n in names)), None)
+
+
+def tokenizer_dir(directory: Path) -> Path:
+    """Where the tokenizer of the model in `directory` lies: the folder itself, or in a diffusers pipeline the
+    sibling tokenizer folder of a text_encoder folder (text_encoder_2 -> tokenizer_2)."""
+    sibling = re.fullmatch(r"text_encoder(_\d+)?", directory.name)
+    if _tokenizer_set(directory) is None and sibling:
+        paired = directory.parent / f"tokenizer{sibling.group(1) or ''}"
+        if _tokenizer_set(paired) is not None:
+            return paired
+    return directory
+
+
 def tokenizer_files(directory: Path) -> list[Path]:
-    """The tokenizer files of `directory`; TextEncoderError naming what is missing when there are none."""
-    for names in TOKENIZER_SETS:
-        if all((directory / n).is_file() for n in names):
-            return [directory / n for n in names + TOKENIZER_EXTRAS if (directory / n).is_file()]
+    """The tokenizer files of `directory` (tokenizer_dir); TextEncoderError naming what is missing when none."""
+    directory = tokenizer_dir(directory)
+    names = _tokenizer_set(directory)
+    if names is not None:
+        return [directory / n for n in names + TOKENIZER_EXTRAS if (directory / n).is_file()]
     raise TextEncoderError(f"{directory} has no tokenizer files: tokenizer.json is missing (or vocab.json + "
                            f"merges.txt for CLIP, spiece.model for T5). Save the tokenizer next to the model with "
-                           f"tokenizer.save_pretrained({str(directory)!r}) (a diffusers pipeline keeps it in its "
-                           f"tokenizer/ folder: copy those files in)")
+                           f"tokenizer.save_pretrained({str(directory)!r}) (in a diffusers pipeline folder, "
+                           f"text_encoder_N reads the tokenizer_N folder beside it)")
 
 
 def hash_files(paths: list[Path]) -> str:
@@ -124,6 +144,7 @@ def resolve_max_length(requested: int | None, default: int, limit: int | None, n
 def load_tokenizer(directory: Path):
     from transformers import AutoTokenizer
 
+    directory = tokenizer_dir(directory)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -156,15 +177,18 @@ class TransformersTextEncoder(FrozenTextEncoder):
     kind = "transformers"
 
     def __init__(self, directory: Path, model, tokenizer, max_length: int, dim: int, pooled_dim: int,
-                 name: str | None = None, extra_identity: dict | None = None):
+                 name: str | None = None, extra_identity: dict | None = None, padding: str = "longest"):
         super().__init__()
+        if padding not in PADDINGS:
+            raise TextEncoderError(f"text padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
+        self.padding = padding
         self.directory = Path(directory)
         self.model, self.tokenizer = model, tokenizer
         self.max_length, self.dim, self.pooled_dim = max_length, dim, pooled_dim
         self.name = name or self.directory.name
         self._config = {k: v for k, v in read_config(self.directory).items() if k not in CONFIG_VOLATILE}
         self._files = weight_files(self.directory), tokenizer_files(self.directory)
-        self._extra_identity = extra_identity or {}
+        self._extra_identity = {**(extra_identity or {}), **({"padding": padding} if padding != "longest" else {})}
         self._file_hashes: tuple[str, str] | None = None
         self.freeze()
 
@@ -181,10 +205,12 @@ class TransformersTextEncoder(FrozenTextEncoder):
                           f"{self.max_length} tokens: {sum(over)} tokens were cut. Raise max_length ([text] "
                           f"max_length, or load_text_encoder(..., max_length=N)) or shorten the prompts",
                           stacklevel=4)
-        batch = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_length,
+        batch = self.tokenizer(texts, padding=self.padding, truncation=True, max_length=self.max_length,
                                return_tensors="pt", return_token_type_ids=False)
-        device = self.device
-        return batch["input_ids"].to(device), batch["attention_mask"].to(device).bool()
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device).bool()
+        if self.padding == "max_length":  # SD3's pipelines: the padding is read (unmasked), as the model was trained
+            mask = torch.ones_like(mask)
+        return ids, mask
 
     def embed(self, texts: list[str]) -> TextEmbedding:
         ids, mask = self.tokenize(texts)
@@ -208,7 +234,8 @@ class CLIPTextEncoder(TransformersTextEncoder):
 
     kind = "clip"
 
-    def __init__(self, directory: str | Path, max_length: int | None = None, fit_max_length: bool = False):
+    def __init__(self, directory: str | Path, max_length: int | None = None, fit_max_length: bool = False,
+                 padding: str = "longest"):
         from transformers import CLIPTextModelWithProjection
 
         directory = Path(directory).expanduser()
@@ -224,7 +251,8 @@ class CLIPTextEncoder(TransformersTextEncoder):
         cfg = model.config
         length = resolve_max_length(max_length, cfg.max_position_embeddings, cfg.max_position_embeddings,
                                     directory.name, fit_max_length)
-        super().__init__(directory, model, load_tokenizer(directory), length, cfg.hidden_size, cfg.projection_dim)
+        super().__init__(directory, model, load_tokenizer(directory), length, cfg.hidden_size, cfg.projection_dim,
+                         padding=padding)
 
     def features(self, ids, mask):
         out = self.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
@@ -236,14 +264,16 @@ class T5TextEncoder(TransformersTextEncoder):
 
     kind = "t5"
 
-    def __init__(self, directory: str | Path, max_length: int | None = None, fit_max_length: bool = False):
+    def __init__(self, directory: str | Path, max_length: int | None = None, fit_max_length: bool = False,
+                 padding: str = "longest"):
         from transformers import T5EncoderModel
 
         directory = Path(directory).expanduser()
         check_directory(directory)
         model = load_model(T5EncoderModel, directory)
         length = resolve_max_length(max_length, T5_DEFAULT_MAX_LENGTH, None, directory.name, fit_max_length)
-        super().__init__(directory, model, load_tokenizer(directory), length, model.config.d_model, 0)
+        super().__init__(directory, model, load_tokenizer(directory), length, model.config.d_model, 0,
+                         padding=padding)
 
     def features(self, ids, mask):
         tokens = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
@@ -263,8 +293,8 @@ def detect_kind(directory: str | Path) -> str:
                            f"sentence-transformers mean-pooling model (with modules.json)")
 
 
-def load_transformers_encoder(directory: str | Path, max_length: int | None = None,
-                              fit_max_length: bool = False) -> TransformersTextEncoder:
+def load_transformers_encoder(directory: str | Path, max_length: int | None = None, fit_max_length: bool = False,
+                              padding: str = "longest") -> TransformersTextEncoder:
     """A CLIP or T5 encoder from `directory`, its kind read from config.json."""
     cls = CLIPTextEncoder if detect_kind(directory) == "clip" else T5TextEncoder
-    return cls(directory, max_length=max_length, fit_max_length=fit_max_length)
+    return cls(directory, max_length=max_length, fit_max_length=fit_max_length, padding=padding)
