@@ -100,3 +100,15 @@ def test_an_imported_pipeline_folder_samples_what_diffusers_samples(sd3_folder, 
                       output_type="pt").images
     assert theirs.std() > 0.05  # pictures, not a constant
     torch.testing.assert_close(((x + 1) / 2).clamp(0, 1), theirs, atol=2e-4, rtol=0)
+
+
+def test_a_pipeline_folder_without_t5_imports_with_placeholders_and_says_so(sd3_folder, tmp_path):
+    import shutil
+
+    folder, _ = sd3_folder
+    partial = tmp_path / "no-t5"
+    shutil.copytree(folder, partial, ignore=shutil.ignore_patterns("text_encoder_3", "tokenizer_3"))
+    with pytest.warns(UserWarning, match="has no text_encoder_3: the run names MiniLM and no codec as placeholders"):
+        assert cli_main(["convert", "diffusers-sd3", str(partial), str(tmp_path / "run")]) == 0
+    cfg = load_run_config(tmp_path / "run")
+    assert (cfg.text.encoder, cfg.text.padding, cfg.codec.source) == ("minilm", "longest", "identity")

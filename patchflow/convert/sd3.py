@@ -49,6 +49,7 @@ dropped (they cannot change the output); on export they are written as zeros (th
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -358,14 +359,24 @@ def _pipeline_parts(src: Path, cfg: MMDiTConfig) -> dict:
     tokenizer_N folder), joined and padded SD3's way, and its vae/. {} for a lone transformer folder."""
     src = src.expanduser().resolve()
     folders = [src / name for name in SD3_TEXT_ENCODERS]
-    if not (src / "model_index.json").is_file() or not all((f / "config.json").is_file() for f in folders):
+    if not (src / "model_index.json").is_file():
+        return {}
+    missing = [f.name for f in folders if not (f / "config.json").is_file()]
+    if missing:
+        warnings.warn(f"{src} has no {', '.join(missing)}: the run names MiniLM and no codec as placeholders (SD3 "
+                      f"without T5 pads with zeros, which patchflow does not); set text.encoder, text.max_length, "
+                      f"text.padding and codec.source to sample it", stacklevel=3)
         return {}
     if any("," in str(f) for f in folders):
         raise ValueError(f"{src}: a path with a comma cannot name text encoders ([text] encoder is comma-separated);"
                          f" move or rename the pipeline folder")
     clip_l, clip_g, t5 = (json.loads((f / "config.json").read_text()) for f in folders)
-    width = max(clip_l["hidden_size"] + clip_g["hidden_size"], t5["d_model"])  # joined as text/joint.py does
-    pooled = clip_l["projection_dim"] + clip_g["projection_dim"]
+    try:
+        width = max(clip_l["hidden_size"] + clip_g["hidden_size"], t5["d_model"])  # joined as text/joint.py does
+        pooled = clip_l["projection_dim"] + clip_g["projection_dim"]
+    except KeyError as e:
+        raise ValueError(f"{src}: its text encoders are not two CLIPs with projection and a T5 ({e.args[0]} is "
+                         f"missing from a config.json)") from None
     if (width, pooled) != (cfg.text_dim, cfg.pooled_dim):
         raise ValueError(f"{src}: its text encoders give {width}-wide tokens and {pooled}-wide pooled vectors, its "
                          f"transformer takes {cfg.text_dim} and {cfg.pooled_dim}; the folder mixes models")
