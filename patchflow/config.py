@@ -24,6 +24,7 @@ from patchflow.flow.rectified import TIMESTEP_SAMPLING
 from patchflow.flow.samplers import SAMPLERS
 from patchflow.models.dit import DiTConfig
 from patchflow.models.text_config import TEXT_ARCHS, MMDiTConfig, VideoDiTConfig
+from patchflow.text.hf import PADDINGS
 
 PRESET_DIR = Path(__file__).parent / "configs"
 MAX_SAMPLES = 1_000_000  # most samples one command or sample.n may ask for
@@ -248,7 +249,7 @@ class TextConfig:
             raise ConfigError(f"text.max_length must be in 1..4096, got {self.max_length}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"text.dropout must be in [0, 1), got {self.dropout}")
-        _choice("text.padding", self.padding, ("longest", "max_length"))
+        _choice("text.padding", self.padding, PADDINGS)
         if not self.cache.strip():
             raise ConfigError("text.cache must not be empty: \"auto\", \"off\" or a directory")
 

@@ -42,11 +42,8 @@ def parse_spec(spec) -> list[str]:
 
 
 def _load_one(spec: str, max_length: int | None, fit: bool, padding: str) -> FrozenTextEncoder:
-    if padding != "longest" and (spec == DEFAULT_SPEC or (Path(spec).expanduser() / "modules.json").is_file()):
-        raise TextEncoderError(f"padding {padding!r} is for CLIP and T5 encoders (SD3's way); {spec!r} is a "
-                               f"sentence encoder, whose mean pools over real tokens: leave padding \"longest\"")
     if spec == DEFAULT_SPEC:
-        return MiniLMEncoder(max_length=max_length, fit_max_length=fit)
+        return MiniLMEncoder(max_length=max_length, fit_max_length=fit, padding=padding)
     directory = Path(spec).expanduser()
     if not directory.exists():
         if len(directory.parts) > 1 or spec.startswith((".", "~")):  # meant as a path
@@ -55,7 +52,7 @@ def _load_one(spec: str, max_length: int | None, fit: bool, padding: str) -> Fro
         raise TextEncoderError(f"unknown text encoder {spec!r}: it is not \"{DEFAULT_SPEC}\" and no such directory "
                                f"exists; give \"{DEFAULT_SPEC}\" or a CLIP / T5 / sentence-transformers folder")
     if (directory / "modules.json").is_file():  # a sentence-transformers folder (mean pooling)
-        return MiniLMEncoder(directory, max_length=max_length, fit_max_length=fit)
+        return MiniLMEncoder(directory, max_length=max_length, fit_max_length=fit, padding=padding)
     return load_transformers_encoder(directory, max_length=max_length, fit_max_length=fit, padding=padding)
 
 

@@ -65,10 +65,14 @@ class MiniLMEncoder(TransformersTextEncoder):
     kind = "sentence-mean"
 
     def __init__(self, directory: str | Path | None = None, max_length: int | None = None,
-                 fit_max_length: bool = False):
+                 fit_max_length: bool = False, padding: str = "longest"):
         from transformers import AutoModel
 
         name = "minilm" if directory is None else None
+        if padding != "longest":
+            raise TextEncoderError(f"padding {padding!r} is for CLIP and T5 encoders (SD3's way); "
+                                   f"{name or str(directory)!r} is a sentence encoder, whose mean pools over real "
+                                   f"tokens: leave padding \"longest\"")
         directory = minilm_path() if directory is None else Path(directory).expanduser()
         check_directory(directory)
         pooling = read_pooling(directory)
