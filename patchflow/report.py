@@ -25,7 +25,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 LOG_FIELDS = ("loss", "loss_avg", "grad_norm", "lr", "images_per_s", "steps_per_s", "mfu", "bad_steps")
-TIMESTEP_BINS = 10           # loss_by_t: bins of t / t_max over [0, 1]
+TIMESTEP_BINS = 10           # loss_by_t: equal bins of t / t_max over [0, 1]; train.run_log records with it
 MAX_SAMPLE_GRIDS = 12        # sample grids shown at most (evenly spaced, the last one always)
 GRID_MIN_WIDTH = 320         # sample grids narrower than this are shown at a whole multiple of their size
 SAMPLE_NAME = re.compile(r"^step_(\d+)\.(png|gif)$")

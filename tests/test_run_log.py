@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from patchflow.config import load_config
-from patchflow.train.run_log import LOSS_BINS, TimestepBins, model_times
+from patchflow.report import TIMESTEP_BINS
+from patchflow.train.run_log import TimestepBins, model_times
 from patchflow.train.trainer import train
 
 TINY = ["model.preset=\"DiT-Micro/4\"", "train.batch_size=16", "train.lr=1e-3", "train.log_every=5",
@@ -50,7 +51,7 @@ def test_log_holds_the_loss_by_timestep(run):
     assert [r["step"] for r in log] == [5, 10, 15, 20, 25, 30]
     for r in log:
         bins = r["loss_by_t"]
-        assert len(bins) == LOSS_BINS
+        assert len(bins) == TIMESTEP_BINS
         seen = [b for b in bins if b is not None]
         assert len(seen) >= 5  # 80 logit-normal timesteps a window reach most bins
         # the window's mean loss is a mixture of its bins' means

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-LOSS_BINS = 10  # loss_by_t: ten equal bins of t / t_max over [0, 1] (0 = data, 1 = pure noise)
+from patchflow.report import TIMESTEP_BINS  # loss_by_t's bins of t / t_max (0 = data, 1 = pure noise): one format
 
 
 class TimestepBins:
     """Per-sample training losses summed by timestep bin over one log window."""
 
-    def __init__(self, bins: int = LOSS_BINS):
+    def __init__(self, bins: int = TIMESTEP_BINS):
         self.bins = bins
         self.reset()
 
