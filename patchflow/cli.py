@@ -429,11 +429,13 @@ def cmd_convert(args) -> None:
         raise ValueError(f"--num-heads must be >= 1, got {args.num_heads}")
     if args.num_heads is not None and args.kind != "dit-official":
         raise ValueError(f"--num-heads is for dit-official checkpoints; {args.kind} reads the heads from config.json")
+    if args.pipeline is not None and args.kind != "diffusers-sd3":
+        raise ValueError(f"--pipeline is for diffusers-sd3 imports; {args.kind} takes no text encoders or VAE")
     if args.kind in ("diffusers-sd3", "to-diffusers-sd3"):
         from patchflow.convert.sd3 import export_diffusers_sd3, import_diffusers_sd3
 
         if args.kind == "diffusers-sd3":
-            print(f"wrote run directory {import_diffusers_sd3(args.source, args.out_dir)}")
+            print(f"wrote run directory {import_diffusers_sd3(args.source, args.out_dir, pipeline=args.pipeline)}")
         else:
             print(f"wrote diffusers SD3Transformer2DModel folder {export_diffusers_sd3(args.source, args.out_dir)}")
         return
@@ -691,6 +693,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "folder, or (to-diffusers-sd3) a run directory")
     p.add_argument("out_dir")
     p.add_argument("--num-heads", type=int, help="heads, when the hidden size is not one of DiT-S/B/L/XL")
+    p.add_argument("--pipeline", metavar="PIPELINE_DIR",
+                   help="diffusers-sd3: take the text encoders, VAE and scheduler shift from this "
+                        "StableDiffusion3Pipeline folder (for a transformer folder saved on its own, e.g. a fine-tune)")
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("cache", help="precompute a data set's latents once for a run on a codec")

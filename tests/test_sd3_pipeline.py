@@ -112,3 +112,22 @@ def test_a_pipeline_folder_without_t5_imports_with_placeholders_and_says_so(sd3_
         assert cli_main(["convert", "diffusers-sd3", str(partial), str(tmp_path / "run")]) == 0
     cfg = load_run_config(tmp_path / "run")
     assert (cfg.text.encoder, cfg.text.padding, cfg.codec.source) == ("minilm", "longest", "identity")
+
+
+def test_a_transformer_saved_alone_takes_text_encoders_and_vae_from_pipeline(sd3_folder, tmp_path, capsys):
+    folder, _ = sd3_folder
+    assert cli_main(["convert", "diffusers-sd3", str(folder), str(tmp_path / "whole")]) == 0
+    alone = str(folder / "transformer")
+    assert cli_main(["convert", "diffusers-sd3", alone, str(tmp_path / "alone")]) == 0
+    assert load_run_config(tmp_path / "alone").text.encoder == "minilm"  # placeholders without --pipeline
+    assert cli_main(["convert", "diffusers-sd3", alone, str(tmp_path / "run"), "--pipeline", str(folder)]) == 0
+    assert (tmp_path / "run" / "config.toml").read_text() == (tmp_path / "whole" / "config.toml").read_text()
+    cfg = load_run_config(tmp_path / "run")
+    assert (cfg.text.padding, cfg.codec.source) == ("max_length", str(folder.resolve() / "vae"))
+
+    capsys.readouterr()
+    rc = cli_main(["convert", "diffusers-sd3", alone, str(tmp_path / "bad"), "--pipeline", alone])
+    assert rc == 2 and "not a diffusers pipeline folder (no model_index.json)" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    rc = cli_main(["convert", "diffusers-dit", alone, str(tmp_path / "dit"), "--pipeline", str(folder)])
+    assert rc == 2 and "--pipeline is for diffusers-sd3 imports" in capsys.readouterr().err

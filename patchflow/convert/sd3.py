@@ -397,17 +397,23 @@ def _run_config(cfg: MMDiTConfig, shift: float, parts: dict | None = None) -> Ru
     return run
 
 
-def import_diffusers_sd3(src, out_dir) -> Path:
+def import_diffusers_sd3(src, out_dir, pipeline=None) -> Path:
     """diffusers SD3 transformer folder (or pipeline folder) -> patchflow run directory `out_dir`; returns its path.
 
     Writes config.toml (model.arch = "mmdit", flow.objective = "rectified"), model.safetensors and ema.safetensors
-    (the same float32 weights); config.toml last, so a directory with one is complete.
+    (the same float32 weights); config.toml last, so a directory with one is complete. The text encoders, VAE and
+    scheduler shift come from `pipeline` (a StableDiffusion3Pipeline folder) when given, else from src when it is
+    a pipeline folder; a lone transformer gets MiniLM and no codec as placeholders.
     """
     out = _check_out_dir(out_dir)
     folder = _model_folder(src)
+    around = Path(src if pipeline is None else pipeline)
+    if pipeline is not None and not (around / "model_index.json").is_file():
+        raise FileNotFoundError(f"--pipeline {around}: not a diffusers pipeline folder (no model_index.json); pass "
+                                f"the folder StableDiffusion3Pipeline.save_pretrained wrote")
     config, state_dict = load_diffusers_dit(folder)  # config.json + single or sharded safetensors; .bin refused
     cfg, weights = diffusers_sd3_to_patchflow(state_dict, config, source=str(folder))
-    toml = _run_config(cfg, _flow_shift(Path(src)), _pipeline_parts(Path(src), cfg)).to_toml()
+    toml = _run_config(cfg, _flow_shift(around), _pipeline_parts(around, cfg)).to_toml()
     out.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "converted_from": f"diffusers-sd3:{Path(src).name}"}
     atomic_save_safetensors(weights, out / "model.safetensors", metadata=metadata)
