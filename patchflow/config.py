@@ -86,6 +86,8 @@ class DataConfig:
     buckets: list[list] = field(default_factory=list)  # video: variable size, [[frames, height, width, batch_size
                                           # (, weight)], ...]; clips are cut to a bucket's frames (see docs/video.md)
     mix_images: int = 0                   # moving-digits: add this many color-digits images as one-frame clips
+    start_grid: int = 0                   # moving-digits: start each clip with its digit on this pixel grid (0:
+                                          # anywhere, as the world draws; 8: one token of the demo's model)
 
     def validate(self) -> None:
         """Checks values only; whether `path` exists is checked when the data set is built (a run's saved
@@ -113,6 +115,12 @@ class DataConfig:
         if self.mix_images and self.dataset != "moving-digits":
             raise ConfigError("data.mix_images adds color-digits images to the moving-digits world; "
                               f"data.dataset = {_show(self.dataset)}: leave it out")
+        if self.start_grid and self.dataset != "moving-digits":
+            raise ConfigError("data.start_grid aligns the starts of the moving-digits world's clips; "
+                              f"data.dataset = {_show(self.dataset)}: leave it out")
+        if not 0 <= self.start_grid <= 32:
+            raise ConfigError(f"data.start_grid must be 0 (starts anywhere) or a grid spacing of 1-32 px, "
+                              f"got {self.start_grid}")
         if not 0 <= self.mix_images <= 20_000:
             raise ConfigError(f"data.mix_images must be in 0..20000 (the color-digits training images), "
                               f"got {self.mix_images}")

@@ -414,6 +414,49 @@ def test_moving_bounces_reflect_off_the_walls():
     assert md.trajectory(9, 2, 1, 10, 4) == ([9, 9, 7, 5], [1])  # 11 is 1 px past 10
 
 
+def test_moving_start_grid_aligns_the_start_and_keeps_the_rest():
+    """start_grid=8 moves each clip's start so the ink centre of mass lies on the 8-px grid through the canvas
+    centre (15.5 + 8k) where the allowed starts reach it (within 0.5 px: starts are whole pixels), keeps every other
+    attribute of the item, and still leaves room for the first two steps before a wall."""
+    plain, grid = MovingDigitsDataset("train", frames=9), MovingDigitsDataset("train", frames=9, start_grid=8)
+    off = []
+    for i in range(1000):
+        a, b = plain.attributes(i), grid.attributes(i)
+        for k in ("digit", "color", "background", "direction", "speed", "size", "width", "mnist_index"):
+            assert a[k] == b[k]
+        assert 1 not in b["bounces"] and 2 not in b["bounces"]
+        pos = np.array(b["positions"])
+        v = np.array(md.VELOCITY[b["direction"]]) * b["speed"]
+        assert (pos[1] - pos[0] == v).all() and (pos[2] - pos[1] == v).all()
+        off.append([abs((c - 15.5 + 4) % 8 - 4) for c in b["com"][0]])
+    off = np.array(off)
+    assert (off <= 0.5 + 1e-9).mean() > 0.97 and off.max() <= 3  # the rest: a tall glyph's range misses the grid
+    plain_off = np.array([[abs((c - 15.5 + 4) % 8 - 4) for c in plain.attributes(i)["com"][0]] for i in range(1000)])
+    assert (plain_off <= 0.5).mean() < 0.3  # uniform starts are mostly off the grid
+    x, alpha = grid.render(7)
+    b = grid.attributes(7)
+    ys, xs = np.nonzero(alpha[0] > 0)
+    assert (xs.min(), ys.min()) == b["start"]  # the picture follows the moved start
+    with pytest.raises(ValueError, match="start_grid"):
+        MovingDigitsDataset("train", start_grid=-8)
+
+
+def test_start_grid_config_reaches_the_world_and_the_cache_key():
+    from patchflow.config import ConfigError
+    from patchflow.data.latent_cache import data_identity
+
+    cfg = DataConfig(dataset="moving-digits", frames=4, start_grid=8)
+    cfg.validate()
+    ds = build_dataset(cfg, "train", text=True)
+    assert ds.start_grid == 8
+    assert data_identity(cfg)["start_grid"] == 8
+    assert "start_grid" not in data_identity(DataConfig(dataset="moving-digits"))  # old caches keep their folder
+    with pytest.raises(ConfigError, match="moving-digits"):
+        DataConfig(dataset="color-digits", start_grid=8).validate()
+    with pytest.raises(ConfigError, match="1-32"):
+        DataConfig(dataset="moving-digits", start_grid=40).validate()
+
+
 def test_moving_frame_zero_is_a_still_image(moving):
     attrs = [moving.attributes(i) for i in range(400)]
     assert {a["direction"] for a in attrs} == set(md.DIRECTIONS)

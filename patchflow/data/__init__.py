@@ -41,7 +41,8 @@ def build_dataset(cfg: DataConfig, split: str = "train", text: bool = False) -> 
     if cfg.dataset == "moving-digits":
         from patchflow.data.moving_digits import MovingDigitsDataset
 
-        return MovingDigitsDataset(split=split, seed=cfg.seed, frames=cfg.frames, target=target)
+        return MovingDigitsDataset(split=split, seed=cfg.seed, frames=cfg.frames, target=target,
+                                   start_grid=cfg.start_grid)
     if cfg.dataset not in ("folder", "captions", "video"):
         raise ValueError(f"unknown data.dataset {cfg.dataset!r}")
     if split != "train":

@@ -52,6 +52,8 @@ def data_identity(cfg: DataConfig) -> dict:
     d = {k: getattr(cfg, k) for k in DATA_KEYS}
     if cfg.dataset in WORLD_VERSIONS:
         d["world_version"] = WORLD_VERSIONS[cfg.dataset]
+    if cfg.start_grid:  # only when set, so the caches of runs without it keep their folder
+        d["start_grid"] = cfg.start_grid
     if d["path"]:
         d["path"] = str(Path(d["path"]).expanduser().resolve())
     if cfg.dataset == "captions":

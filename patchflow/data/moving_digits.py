@@ -19,8 +19,10 @@ The stroke is an alpha mask blended between the background and the digit colour.
 Motion: the ink box's top-left corner moves by `speed` px per frame along one axis, inside [1, 31 - extent] (ink
 stays >= 1 px from the border, so it is never clipped); a step past a wall is reflected back off it (position
 2 * wall - position) and the direction reverses. The start is uniform over the positions that leave room for two
-steps in the captioned direction; the other coordinate is uniform and stays fixed. Frame 0 alone is a
-color-digits-style image. Item i is a pure function of (split, seed, i); a clip of T frames is the first T frames
+steps in the captioned direction; the other coordinate is uniform and stays fixed. With `start_grid=g` (a
+training option, `data.start_grid`) that start is then moved to the allowed one whose ink centre of mass lies
+nearest the grid of spacing g through the canvas centre (15.5 + g * k on both axes), so every clip starts in one of
+a few token-aligned places. Frame 0 alone is a color-digits-style image. Item i is a pure function of (split, seed, i); a clip of T frames is the first T frames
 of any longer clip of the same item.
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ DIRECTIONS = ("left", "right", "up", "down")
 VELOCITY = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y grows downwards
 SPEEDS = (1, 2, 3)
 HEIGHT, MAX_WIDTH = (14, 20), 16  # ink height range and width cap, px: leaves >= 10 px of travel on each axis
+CENTRE = (SIZE - 1) / 2  # the canvas centre, pixel centres at integers: 15.5
 FREE_STEPS = 2  # steps in the captioned direction before any bounce
 WORD_PROBABILITY = 0.5
 # the fields a caption determines: parse_caption(caption(i)) equals attributes(i) on these
@@ -93,11 +96,14 @@ class MovingDigitsDataset(World):
     parse_caption = staticmethod(parse_caption)
 
     def __init__(self, split: str = "train", seed: int = 0, frames: int = 9, size: int | None = None,
-                 target: str = "label"):
+                 target: str = "label", start_grid: int = 0):
         if int(frames) != frames or frames < 1:
             raise ValueError(f"frames must be an integer >= 1, got {frames!r}")
+        if int(start_grid) != start_grid or not 0 <= start_grid <= SIZE:
+            raise ValueError(f"start_grid must be 0 (uniform starts) or a spacing of 1-{SIZE} px, got {start_grid!r}")
         super().__init__(split, seed, size, target)
         self.frames = int(frames)
+        self.start_grid = int(start_grid)
 
     def attributes(self, i: int) -> dict:
         """Everything about clip i: the CAPTION_FIELDS, plus `kind` ("digit"), `digits`, `number`, `speed`
@@ -124,13 +130,20 @@ class MovingDigitsDataset(World):
         hi_x, hi_y = SIZE - MARGIN - w, SIZE - MARGIN - h
         free = FREE_STEPS * speed
 
-        def start(lo, hi, d):  # uniform, leaving room for FREE_STEPS steps in direction d before a wall
-            return int(rng.integers(lo + free if d < 0 else lo, (hi - free if d > 0 else hi) + 1))
+        cx, cy = mass_centre(ink)
+        grid = self.start_grid
 
-        x0, y0 = start(MARGIN, hi_x, dx), start(MARGIN, hi_y, dy)
+        def start(lo, hi, d, c):  # uniform, leaving room for FREE_STEPS steps in direction d before a wall
+            lo, hi = (lo + free if d < 0 else lo), (hi - free if d > 0 else hi)
+            v = int(rng.integers(lo, hi + 1))
+            if not grid:
+                return v
+            off = lambda k: abs((k + c - CENTRE + grid / 2) % grid - grid / 2)  # distance of the ink centre to the grid
+            return min(range(lo, hi + 1), key=lambda k: (round(off(k), 6), abs(k - v)))
+
+        x0, y0 = start(MARGIN, hi_x, dx, cx), start(MARGIN, hi_y, dy, cy)
         xs, bx = trajectory(x0, dx * speed, MARGIN, hi_x, self.frames)
         ys, by = trajectory(y0, dy * speed, MARGIN, hi_y, self.frames)
-        cx, cy = mass_centre(ink)
         return {"kind": "digit", "digit": digit, "digits": (digit,), "number": digit, "word": word,
                 "color": color, "color_rgb": COLORS[color], "background": background,
                 "background_rgb": COLORS[background], "direction": direction, "speed": speed, "size": h,
