@@ -22,8 +22,8 @@ stays >= 1 px from the border, so it is never clipped); a step past a wall is re
 steps in the captioned direction; the other coordinate is uniform and stays fixed. With `start_grid=g` (a
 training option, `data.start_grid`) that start is then moved to the allowed one whose ink centre of mass lies
 nearest the grid of spacing g through the canvas centre (15.5 + g * k on both axes), so every clip starts in one of
-a few token-aligned places. Frame 0 alone is a color-digits-style image. Item i is a pure function of (split, seed, i); a clip of T frames is the first T frames
-of any longer clip of the same item.
+a few token-aligned places. Frame 0 alone is a color-digits-style image. Item i is a pure function of (split, seed,
+i); a clip of T frames is the first T frames of any longer clip of the same item.
 """
 from __future__ import annotations
 
@@ -138,8 +138,8 @@ class MovingDigitsDataset(World):
             v = int(rng.integers(lo, hi + 1))
             if not grid:
                 return v
-            off = lambda k: abs((k + c - CENTRE + grid / 2) % grid - grid / 2)  # distance of the ink centre to the grid
-            return min(range(lo, hi + 1), key=lambda k: (round(off(k), 6), abs(k - v)))
+            off = lambda k: abs((k + c - CENTRE + grid / 2) % grid - grid / 2)  # ink centre to the nearest grid line
+            return min(range(lo, hi + 1), key=lambda k: (round(off(k), 6), abs(k - v)))  # ties: nearest the draw
 
         x0, y0 = start(MARGIN, hi_x, dx, cx), start(MARGIN, hi_y, dy, cy)
         xs, bx = trajectory(x0, dx * speed, MARGIN, hi_x, self.frames)
