@@ -433,7 +433,7 @@ def test_moving_start_grid_aligns_the_start_and_keeps_the_rest():
     assert (off <= 0.5 + 1e-9).mean() > 0.97 and off.max() <= 3  # the rest: a tall glyph's range misses the grid
     plain_off = np.array([[abs((c - 15.5 + 4) % 8 - 4) for c in plain.attributes(i)["com"][0]] for i in range(1000)])
     assert (plain_off <= 0.5).mean() < 0.3  # uniform starts are mostly off the grid
-    x, alpha = grid.render(7)
+    _, alpha = grid.render(7)
     b = grid.attributes(7)
     ys, xs = np.nonzero(alpha[0] > 0)
     assert (xs.min(), ys.min()) == b["start"]  # the picture follows the moved start
