@@ -50,7 +50,7 @@ import re
 import numpy as np
 
 from patchflow.data.worlds import (
-    COLOR_NAMES, COLORS, DIGIT_WORDS, MARGIN, SIZE, World, article, check_colors, compose, mass_centre,
+    CENTRE, COLOR_NAMES, COLORS, DIGIT_WORDS, MARGIN, SIZE, World, article, check_colors, compose, mass_centre,
     normalize, parse_digit, paste, pick_colors,
 )
 
@@ -75,7 +75,6 @@ NUMBER_PROBABILITY = 0.25
 CANONICAL_SHARE = 0.5  # of paraphrased captions, the share that stays canonical
 WORD_PROBABILITY = GREY_PROBABILITY = 0.5  # within a paraphrase
 
-CENTRE = (SIZE - 1) / 2  # the canvas centre in pixel-centre coordinates
 DIRECTION = {"centre": (0, 0), "left": (-1, 0), "right": (1, 0), "top": (0, -1), "bottom": (0, 1)}
 SINGLE_HEIGHT, SINGLE_MAX_WIDTH = (16, 26), 28  # a single digit's ink height range and width cap, px
 SHIFT = (3.0, 5.0)  # a shifted digit's centre of mass, px from the canvas centre along its axis

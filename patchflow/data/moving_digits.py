@@ -32,7 +32,7 @@ import re
 import numpy as np
 
 from patchflow.data.worlds import (
-    ARTICLE_RE, COLOR_NAMES, COLOR_RE, COLORS, DIGIT_RE, MARGIN, SIZE, World, article, check_colors, compose,
+    ARTICLE_RE, CENTRE, COLOR_NAMES, COLOR_RE, COLORS, DIGIT_RE, MARGIN, SIZE, World, article, check_colors, compose,
     digit_text, mass_centre, normalize, parse_digit, paste, pick_colors,
 )
 
@@ -42,7 +42,6 @@ DIRECTIONS = ("left", "right", "up", "down")
 VELOCITY = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y grows downwards
 SPEEDS = (1, 2, 3)
 HEIGHT, MAX_WIDTH = (14, 20), 16  # ink height range and width cap, px: leaves >= 10 px of travel on each axis
-CENTRE = (SIZE - 1) / 2  # the canvas centre, pixel centres at integers: 15.5
 FREE_STEPS = 2  # steps in the captioned direction before any bounce
 WORD_PROBABILITY = 0.5
 # the fields a caption determines: parse_caption(caption(i)) equals attributes(i) on these

@@ -42,6 +42,7 @@ DIGIT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "
 SPLITS = {"train": 0, "val": 1}
 INK_GAIN = 1.5
 INK_FLOOR = 0.01  # coverage below this is dropped: every kept stroke pixel differs visibly from the background
+CENTRE = (SIZE - 1) / 2  # the canvas centre in pixel-centre coordinates (15.5)
 MARGIN = 1  # glyphs never touch the border, so a glyph is never clipped and a pasted shift is exact
 
 # regex pieces for the parsers (captions are lower-cased and whitespace-collapsed before matching)
