@@ -419,6 +419,7 @@ def test_moving_start_grid_aligns_the_start_and_keeps_the_rest():
     centre (15.5 + 8k) where the allowed starts reach it (within 0.5 px: starts are whole pixels), keeps every other
     attribute of the item, and still leaves room for the first two steps before a wall."""
     plain, grid = MovingDigitsDataset("train", frames=9), MovingDigitsDataset("train", frames=9, start_grid=8)
+    to_grid = lambda a: [abs((c - 15.5 + 4) % 8 - 4) for c in a["com"][0]]  # frame 0's ink centre to the grid, px
     off = []
     for i in range(1000):
         a, b = plain.attributes(i), grid.attributes(i)
@@ -428,10 +429,10 @@ def test_moving_start_grid_aligns_the_start_and_keeps_the_rest():
         pos = np.array(b["positions"])
         v = np.array(md.VELOCITY[b["direction"]]) * b["speed"]
         assert (pos[1] - pos[0] == v).all() and (pos[2] - pos[1] == v).all()
-        off.append([abs((c - 15.5 + 4) % 8 - 4) for c in b["com"][0]])
+        off.append(to_grid(b))
     off = np.array(off)
     assert (off <= 0.5 + 1e-9).mean() > 0.97 and off.max() <= 3  # the rest: a tall glyph's range misses the grid
-    plain_off = np.array([[abs((c - 15.5 + 4) % 8 - 4) for c in plain.attributes(i)["com"][0]] for i in range(1000)])
+    plain_off = np.array([to_grid(plain.attributes(i)) for i in range(1000)])
     assert (plain_off <= 0.5).mean() < 0.3  # uniform starts are mostly off the grid
     _, alpha = grid.render(7)
     b = grid.attributes(7)
