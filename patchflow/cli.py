@@ -355,24 +355,24 @@ def _eval_video(args, src: Path, cfg) -> None:
 
     def curve(n):
         rows = video_run.learning_curve(src, n=n, seed=args.seed, frames=frames, steps=args.steps,
-                                        guidance=args.guidance)
+                                        guidance=args.guidance, sampler=args.sampler)
         return rows, format_curve(rows, RATES)
 
     _eval_world_run(args, src, cfg, world="moving-digits", what="video runs", limit=500, curve=curve,
                     score=lambda pipe, n: _score_video(pipe, n, frames, args.seed, args.steps, args.guidance,
-                                                       not args.quiet))
+                                                       not args.quiet, args.sampler))
 
 
-def _score_video(pipe, n: int, frames: int, seed: int, steps, guidance, progress: bool) -> dict:
+def _score_video(pipe, n: int, frames: int, seed: int, steps, guidance, progress: bool, sampler=None) -> dict:
     """Text-to-video on n held-out prompts and image-to-video on n // 2 held-out first frames, printed; the
     figures as a dict (clips left out)."""
     from patchflow.evaluate import video_run
 
     t2v = video_run.text_to_video(pipe, n, seed=seed, frames=frames, steps=steps, guidance=guidance,
-                                  progress=progress)
+                                  progress=progress, sampler=sampler)
     print(f"\ntext-to-video, {n} held-out prompts, {frames} frames; model vs real held-out clips:\n{t2v['table']}")
     i2v = video_run.image_to_video(pipe, max(1, n // 2), seed=seed + 1, frames=frames, steps=steps,
-                                   guidance=guidance, progress=progress)
+                                   guidance=guidance, progress=progress, sampler=sampler)
     print(f"\nimage-to-video from {max(1, n // 2)} real held-out first frames: frame 0 mean absolute error "
           f"{i2v['first_frame_mae']:.2f}/255\n{i2v['table']}")
     drop = ("clips", "prompts")
@@ -386,13 +386,14 @@ def _eval_text(args, src: Path, cfg) -> None:
     from patchflow.evaluate.text_run import evaluate_pipeline, format_curve, learning_curve
 
     def curve(n):
-        rows = learning_curve(src, n=n, seed=args.seed, steps=args.steps, guidance=args.guidance)
+        rows = learning_curve(src, n=n, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                              sampler=args.sampler)
         return rows, format_curve(rows)
 
     def score(pipe, n):
         sets = {"canonical": n, "paraphrase": max(1, n * 3 // 5), "number": min(239, max(1, n * 2 // 5))}
         result = evaluate_pipeline(pipe, sets, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                                   progress=not args.quiet)
+                                   progress=not args.quiet, sampler=args.sampler)
         for kind, r in result.items():
             print(f"\n{kind} prompts ({r['model']['n']}), model vs real held-out images:\n{r['table']}")
         return result

@@ -195,3 +195,22 @@ def test_score_npz(tmp_path, val, classifier):
         np.savez(bad, **arrays)
         with pytest.raises(ValueError, match=message):
             score_npz(bad, classifier=classifier)
+
+
+def test_evaluate_pipeline_samples_with_the_asked_sampler_steps_and_guidance(val, classifier):
+    from types import SimpleNamespace
+
+    from patchflow.evaluate.text_run import evaluate_pipeline
+
+    calls = []
+
+    class Pipe:  # the real held-out images of the prompts asked, so the figures are the reference's
+        cfg = SimpleNamespace(data=SimpleNamespace(seed=0))
+
+        def __call__(self, prompt, **kwargs):
+            calls.append((len(prompt), kwargs["sampler"], kwargs["steps"], kwargs["guidance"]))
+            return np.stack([val.render(a["item"])[0] for _, a in held_out_prompts(len(prompt), seed=3)])
+
+    result = evaluate_pipeline(Pipe(), {"canonical": 20}, seed=3, steps=7, guidance=2.0, sampler="heun")
+    assert calls == [(20, "heun", 7, 2.0)]
+    assert result["canonical"]["model"]["rates"] == result["canonical"]["real"]["rates"]

@@ -110,6 +110,25 @@ def test_cli_writes_gif_mp4_and_npz_clips(video_run, tmp_path, capsys):
     assert code == 0 and "direction" in said and "3 clips" in said, said
 
 
+def test_eval_of_a_video_run_samples_with_the_asked_sampler_and_steps(video_run, capsys, monkeypatch):
+    calls = []
+    call = Pipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        calls.append((kwargs.get("sampler"), kwargs.get("steps")))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "__call__", spy)
+    code, said = cli(["eval", str(video_run), "--prompts", "2", "--frames", "4", "--steps", "2", "--sampler", "heun",
+                      "--quiet"], capsys)
+    assert code == 0 and "image-to-video from 1 real held-out first frames" in said, said
+    assert calls == [("heun", 2), ("heun", 2)]  # text-to-video, then image-to-video
+    calls.clear()
+    code, said = cli(["eval", str(video_run), "--curve", "--prompts", "1", "--frames", "4", "--steps", "1",
+                      "--sampler", "heun", "--quiet"], capsys)
+    assert code == 0 and calls and set(calls) == {("heun", 1)}, said
+
+
 def test_first_frame_is_kept_exactly_and_other_sizes_are_resized_with_a_warning(video_run, tmp_path, capsys):
     path, frame = still(tmp_path)
     code, said = cli(["sample", str(video_run), "--prompt", PROMPT, "--n", "2", "--first-frame", str(path),

@@ -16,13 +16,13 @@ PROMPT_SETS = {"canonical": 500, "paraphrase": 300, "number": 200}
 
 
 def evaluate_pipeline(pipe, sets: dict[str, int] | None = None, seed: int = 0, steps: int | None = None,
-                      guidance: float | None = None, progress: bool = False) -> dict:
+                      guidance: float | None = None, progress: bool = False, sampler: str | None = None) -> dict:
     """{kind: {"model": figures, "real": figures, "table": text}} for each prompt set {kind: n}; the samples of a
     set use `seed`, the prompts are the validation items `held_out_prompts(n, seed, kind)`."""
     out = {}
     for kind, n in (sets or PROMPT_SETS).items():
         prompts = [p for p, _ in held_out_prompts(n, seed=seed, kind=kind, world_seed=pipe.cfg.data.seed)]
-        images = pipe(prompt=prompts, steps=steps, guidance=guidance, seed=seed, progress=progress)
+        images = pipe(prompt=prompts, steps=steps, guidance=guidance, seed=seed, sampler=sampler, progress=progress)
         report = score(images, prompts)
         reference = real_reference(n, seed=seed, kind=kind, world_seed=pipe.cfg.data.seed)
         out[kind] = {"model": report.as_dict(), "real": reference.as_dict(), "table": format_report(report, reference)}
@@ -66,7 +66,7 @@ def checkpoint_curve(run_dir: str | Path, score_fn) -> list[dict]:
 
 
 def learning_curve(run_dir: str | Path, n: int = 300, seed: int = 0, kind: str = "canonical",
-                   steps: int | None = None, guidance: float | None = None) -> list[dict]:
+                   steps: int | None = None, guidance: float | None = None, sampler: str | None = None) -> list[dict]:
     """The score of every kept checkpoint's EMA weights on n held-out prompts: [{step, minutes, rates}], by step."""
     from patchflow.pipeline import load_run_config
 
@@ -74,7 +74,7 @@ def learning_curve(run_dir: str | Path, n: int = 300, seed: int = 0, kind: str =
     prompts = [p for p, _ in held_out_prompts(n, seed=seed, kind=kind, world_seed=world_seed)]
 
     def rates(pipe) -> dict:
-        report = score(pipe(prompt=prompts, steps=steps, guidance=guidance, seed=seed), prompts)
+        report = score(pipe(prompt=prompts, steps=steps, guidance=guidance, seed=seed, sampler=sampler), prompts)
         return {a: report.rates[a] for a in ATTRIBUTES}
 
     return checkpoint_curve(run_dir, rates)

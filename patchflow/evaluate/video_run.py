@@ -23,10 +23,11 @@ def _held_out(pipe, n: int, seed: int, frames: int):
 
 
 def text_to_video(pipe, n: int = 300, seed: int = 0, frames: int = FRAMES, steps: int | None = None,
-                  guidance: float | None = None, progress: bool = False) -> dict:
+                  guidance: float | None = None, progress: bool = False, sampler: str | None = None) -> dict:
     """{"model", "real", "table", "clips", "prompts"} for n held-out canonical prompts."""
     prompts, _, _ = _held_out(pipe, n, seed, frames)
-    clips = pipe(prompt=prompts, frames=frames, steps=steps, guidance=guidance, seed=seed, progress=progress)
+    clips = pipe(prompt=prompts, frames=frames, steps=steps, guidance=guidance, seed=seed, sampler=sampler,
+                 progress=progress)
     report = score_clips(clips, prompts)
     real = real_reference(n, frames=frames, seed=seed, world_seed=pipe.cfg.data.seed)
     return {"model": report.as_dict(), "real": real.as_dict(), "table": format_report(report, real),
@@ -34,13 +35,13 @@ def text_to_video(pipe, n: int = 300, seed: int = 0, frames: int = FRAMES, steps
 
 
 def image_to_video(pipe, n: int = 200, seed: int = 1, frames: int = FRAMES, steps: int | None = None,
-                   guidance: float | None = None, progress: bool = False) -> dict:
+                   guidance: float | None = None, progress: bool = False, sampler: str | None = None) -> dict:
     """Real held-out clips' first frames animated from their captions: {"model", "first_frame_mae" (0-255 levels),
     "table", "clips", "prompts"}."""
     prompts, items, data = _held_out(pipe, n, seed, frames)
     firsts = np.stack([data.render(i)[0][0] for i in items])
     clips = pipe(prompt=prompts, frames=frames, first_frame=firsts, steps=steps, guidance=guidance, seed=seed,
-                 progress=progress)
+                 sampler=sampler, progress=progress)
     report = score_clips(clips, prompts)
     mae = score_first_frame(clips, firsts)
     return {"model": report.as_dict(), "first_frame_mae": mae.mean, "table": format_report(report),
@@ -48,11 +49,12 @@ def image_to_video(pipe, n: int = 200, seed: int = 1, frames: int = FRAMES, step
 
 
 def learning_curve(run_dir: str | Path, n: int = 200, seed: int = 0, frames: int = FRAMES,
-                   steps: int | None = None, guidance: float | None = None) -> list[dict]:
+                   steps: int | None = None, guidance: float | None = None, sampler: str | None = None) -> list[dict]:
     """[{step, minutes, rates}] of every kept checkpoint on n held-out text-to-video prompts."""
     def rates(pipe) -> dict:
         prompts, _, _ = _held_out(pipe, n, seed, frames)
-        report = score_clips(pipe(prompt=prompts, frames=frames, steps=steps, guidance=guidance, seed=seed), prompts)
+        clips = pipe(prompt=prompts, frames=frames, steps=steps, guidance=guidance, seed=seed, sampler=sampler)
+        report = score_clips(clips, prompts)
         return {a: report.rates[a] for a in RATES}
 
     return checkpoint_curve(run_dir, rates)
