@@ -5,7 +5,9 @@ about 3x the forward (backward = 2x forward). Elementwise ops are not counted, a
 """
 from __future__ import annotations
 
+import functools
 import time
+import warnings
 
 import torch
 import torch.utils.flop_counter as flop_counter
@@ -65,6 +67,23 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, reps:
         if i:  # the first run warms up
             best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
+
+
+# the same measurement once per process: trainers started one after another (tests, demos) share it
+matmul_peak = functools.cache(measure_matmul_peak)
+
+
+def warn_if_bf16_is_slow(device: str | torch.device, setting: str) -> None:
+    """Warn when bf16 autocast was asked for on a CPU whose bf16 matmuls run below half its fp32 speed: CPUs without
+    AVX512-BF16 or AMX emulate them, measured here up to 100x slower than fp32. `setting`: the config key to change."""
+    if torch.device(device).type != "cpu":
+        return
+    bf16, fp32 = matmul_peak(torch.bfloat16, n=512, reps=2), matmul_peak(torch.float32, n=512, reps=2)
+    if bf16 < fp32 / 2:
+        warnings.warn(f"{setting} = \"bf16\", but this CPU runs bf16 matmuls at {bf16 / 1e9:.1f} GFLOP/s against "
+                      f"{fp32 / 1e9:.1f} in fp32 (no native bf16: AVX512-BF16 or AMX), so expect it to be far slower "
+                      f"than fp32: set {setting} = \"fp32\" (train, demo: --set {setting}=fp32; sampling a run: "
+                      f"its config.toml)", stacklevel=2)
 
 
 def run_forward_macs(cfg, net: torch.nn.Module) -> int:

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from patchflow.config import ConfigError, RunConfig, load_config
+from patchflow.flops import warn_if_bf16_is_slow
 from patchflow.flow import rectified
 from patchflow.flow.guidance import classifier_free
 from patchflow.flow.objective import build_objective
@@ -139,6 +140,8 @@ def generate(model: nn.Module, cfg: RunConfig, targets, *, conditioning=None, ne
     elif progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=total, desc="sampling", unit="step")
+    if s.precision == "bf16":
+        warn_if_bf16_is_slow(device, "sample.precision")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16")
     for i in range(0, n, batch_size):
         part = slice(i, i + batch_size)

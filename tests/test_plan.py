@@ -83,3 +83,30 @@ def test_plan_of_a_video_preset_counts_its_spacetime_tokens(capsys):
     out1 = capsys.readouterr().out
     gmacs = [float(o.split("forward per sample: ")[1].split(" GMACs")[0]) for o in (out, out1)]
     assert one_frame == 0 and 4 < gmacs[0] / gmacs[1] < 6  # 128 + 16 prompt tokens vs 16 + 16, and attention
+
+
+@pytest.mark.parametrize("bf16, fp32, warned", [(1e9, 100e9, True), (150e9, 100e9, False), (60e9, 100e9, False)])
+def test_bf16_on_a_cpu_that_emulates_it_warns_with_the_measured_rates(monkeypatch, bf16, fp32, warned):
+    import warnings
+
+    from patchflow import flops
+
+    monkeypatch.setattr(flops, "matmul_peak", lambda dtype, **kw: bf16 if dtype == torch.bfloat16 else fp32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        flops.warn_if_bf16_is_slow("cpu", "train.precision")
+        flops.warn_if_bf16_is_slow(torch.device("meta"), "train.precision")  # not a CPU: never measured
+    messages = [str(w.message) for w in caught]
+    assert messages == ([f'train.precision = "bf16", but this CPU runs bf16 matmuls at {bf16 / 1e9:.1f} GFLOP/s '
+                         f"against {fp32 / 1e9:.1f} in fp32 (no native bf16: AVX512-BF16 or AMX), so expect it to be "
+                         'far slower than fp32: set train.precision = "fp32" (train, demo: --set '
+                         "train.precision=fp32; sampling a run: its config.toml)"] if warned else [])
+
+
+def test_the_matmul_peak_is_measured_once_per_process():
+    from patchflow import flops
+
+    flops.matmul_peak.cache_clear()
+    first = flops.matmul_peak(torch.float32, n=64, reps=1)
+    assert first > 0 and flops.matmul_peak(torch.float32, n=64, reps=1) == first
+    assert flops.matmul_peak.cache_info().hits == 1

@@ -43,7 +43,7 @@ from patchflow.config import ConfigError, RunConfig, load_config
 from patchflow.data import (ResumableBatchSampler, WithCaptions, build_dataset, images_config, mix_images,
                             pixel_shape)
 from patchflow.conditioning import build_conditioning
-from patchflow.flops import measure_matmul_peak, mfu_of_macs, run_forward_macs
+from patchflow.flops import matmul_peak, mfu_of_macs, run_forward_macs, warn_if_bf16_is_slow
 from patchflow.flow.objective import objective_for_run
 from patchflow.pipeline import build_model, preview, resolve_device, save_grid
 from patchflow.train import distributed
@@ -201,7 +201,9 @@ class Trainer:
                               "use \"bf16\" on CPUs")
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
         self.forward_macs = run_forward_macs(cfg, self.net)
-        self.peak_flops = t.peak_tflops * 1e12 or measure_matmul_peak(
+        if t.precision == "bf16":
+            warn_if_bf16_is_slow(self.device, "train.precision")
+        self.peak_flops = t.peak_tflops * 1e12 or matmul_peak(
             torch.float32 if t.precision == "fp32" else torch.bfloat16 if t.precision == "bf16" else torch.float16,
             n=1024 if self.device.type == "cpu" else 8192, reps=3, device=self.device)
         # FSDP gathers bf16 weights under bf16 autocast: half the all-gather and unsharded weight memory
