@@ -24,7 +24,7 @@ from patchflow.flow.objective import RectifiedFlowObjective
 from patchflow.models import build_model
 from patchflow.models.video import load_image_weights
 from patchflow.pipeline import load_run_config
-from patchflow.train.checkpoint import latest_checkpoint, load_weights
+from patchflow.run_dir import latest_checkpoint, load_weights
 
 
 def ema_of(run: Path) -> dict:
@@ -63,7 +63,7 @@ def main() -> None:
     captions = [data.caption(i) for i in range(args.clips)]
     conditioning = build_conditioning(cfg)
     torch.manual_seed(0)
-    model = build_model(cfg).eval()
+    model = build_model(cfg.model).eval()
     rows = [("fresh VideoDiT (from scratch)", held_out_loss(model, cfg, latents, captions, conditioning))]
     load_image_weights(model, ema_of(args.image_run))
     rows.append((f"image weights ({args.image_run})", held_out_loss(model, cfg, latents, captions, conditioning)))

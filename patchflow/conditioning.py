@@ -90,9 +90,9 @@ class NoConditioning:
 def build_conditioning(cfg, device: torch.device | str = "cpu", text_encoder=None):
     """The conditioning step of a run. A text run loads its encoder (frozen) unless `text_encoder` is given
     (an encoder or embedding cache the caller prepared)."""
-    if cfg.model.arch == "autoencoder":
+    if cfg.kind.codec:
         return NoConditioning()
-    if cfg.is_text_run:
+    if cfg.kind.prompts:
         if text_encoder is None:
             text_encoder = load_run_text_encoder(cfg, device)
         return TextConditioning(text_encoder, cfg.text.dropout, device)
@@ -101,7 +101,7 @@ def build_conditioning(cfg, device: torch.device | str = "cpu", text_encoder=Non
 
 def load_run_text_encoder(cfg, device: torch.device | str = "cpu"):
     """The run's text encoder ([text] encoder, max_length), checked against the model's text widths."""
-    from patchflow.config import ConfigError
+    from patchflow.checks import ConfigError
     from patchflow.text import load_text_encoder
 
     encoder = load_text_encoder(cfg.text.encoder, max_length=cfg.text.max_length, padding=cfg.text.padding)

@@ -95,7 +95,7 @@ def run_forward_macs(cfg, net: torch.nn.Module) -> int:
     if cfg.is_text_run:
         from patchflow.models import example_inputs
 
-        args, kwargs = example_inputs(cfg, 1, device)
+        args, kwargs = example_inputs(cfg.model, 1, device)
         return counted_forward_flops(lambda: net(*args, **kwargs)) // 2
     from patchflow.data import pixel_shape
 

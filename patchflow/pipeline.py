@@ -9,13 +9,15 @@ from PIL import Image
 import torch
 import torch.nn as nn
 
-from patchflow.config import ConfigError, RunConfig, load_config
+from patchflow.checks import ConfigError
+from patchflow.config import RunConfig
 from patchflow.flops import warn_if_bf16_is_slow
 from patchflow.flow import rectified
 from patchflow.flow.guidance import classifier_free
 from patchflow.flow.objective import build_objective
+from patchflow.media.grids import grid, save_grid  # noqa: F401 - imported from here (cli, trainer, serve)
 from patchflow.models import build_model
-from patchflow.train.checkpoint import latest_checkpoint, load_into, load_weights
+from patchflow.run_dir import latest_checkpoint, load_into, load_run_config, load_weights
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -24,18 +26,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def load_run_config(run_dir: str | Path) -> RunConfig:
-    path = Path(run_dir) / "config.toml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a patchflow run directory: {path} is missing")
-    return load_config(path)
-
-
 def load(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> nn.Module:
-    """The trained model of a run directory (EMA weights by default), in eval mode. For a codec run this is the
-    training module (codec + discriminator); `patchflow.codecs.load(run_dir)` gives its exported codec."""
+    """The trained model of a run directory (EMA weights by default), in eval mode. For a codec run this is its
+    exported codec, as `patchflow.codecs.load(run_dir)` gives it."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
+    if cfg.kind.codec:
+        from patchflow import codecs
+
+        return codecs.load(run_dir, device=device)
     name = "ema.safetensors" if ema else "model.safetensors"
     path = run_dir / name
     if not path.is_file():
@@ -44,7 +43,7 @@ def load(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cp
             raise FileNotFoundError(f"{path} is missing and {run_dir}/checkpoints holds no complete checkpoint; "
                                     f"train first (patchflow train ... --out {run_dir})")
         path = ckpt / name
-    model = build_model(cfg)
+    model = build_model(cfg.model)
     load_into(model, load_weights(path), source=str(path))
     return model.to(device).eval()
 
@@ -211,31 +210,6 @@ def preview(model: nn.Module, cfg: RunConfig, codec=None, device: torch.device |
     pairs = torch.stack([x, recon], dim=1).flatten(0, 1)  # clip 0, its reconstruction, clip 1, ...
     images = to_uint8(pairs)  # (2n, T, H, W, C)
     return images.reshape(-1, *images.shape[2:]), frames
-
-
-def grid(images: np.ndarray, nrow: int = 10, pad: int = 2) -> np.ndarray:
-    """images: uint8 (N, H, W, C) -> one (rows, cols, C) picture, `nrow` images per row."""
-    n, h, w, c = images.shape
-    rows = (n + nrow - 1) // nrow
-    out = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, k = divmod(i, nrow)
-        out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = img
-    return out
-
-
-def save_grid(images: np.ndarray, path: str | Path, nrow: int = 10, pad: int = 2) -> None:
-    """images: uint8 (N, H, W, C) -> one PNG grid, `nrow` images per row; clips (N, T, H, W, C) -> an animated grid
-    (GIF or MP4 by the suffix)."""
-    if images.ndim == 5:
-        from patchflow.clip_files import write_clip
-
-        write_clip(path, np.stack([grid(images[:, t], nrow, pad) for t in range(images.shape[1])]))
-        return
-    from PIL import Image
-
-    g = grid(images, nrow, pad)
-    Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g).save(path)
 
 
 class Pipeline:

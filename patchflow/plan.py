@@ -45,7 +45,7 @@ def _saved_bytes(model: nn.Module, cfg: RunConfig, batch: int) -> int:
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
-    args, kwargs = example_inputs(cfg, batch, random=True)
+    args, kwargs = example_inputs(cfg.model, batch, random=True)
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.precision == "bf16"
                 else contextlib.nullcontext())
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
@@ -96,10 +96,10 @@ def make_plan(cfg: RunConfig) -> Plan:
     m = cfg.model
 
     def at_depth(depth: int) -> nn.Module:
-        return build_model(dataclasses.replace(cfg, model=dataclasses.replace(m, depth=depth)))
+        return build_model(dataclasses.replace(m, depth=depth))
 
     with torch.device("meta"):  # count first: the measurement builds two real 1- and 2-block copies
-        full = build_model(cfg)
+        full = build_model(cfg.model)
         params = sum(p.numel() for p in full.parameters())
         one_block = at_depth(1)
     block_params = sum(p.numel() for p in one_block.blocks[0].parameters())

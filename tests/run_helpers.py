@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from patchflow.cli import main
-from patchflow.train.checkpoint import latest_checkpoint
+from patchflow.run_dir import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

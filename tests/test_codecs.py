@@ -6,7 +6,8 @@ import torch
 
 from patchflow import codecs
 from patchflow.codecs import CodecError, IdentityCodec
-from patchflow.codecs.autoencoder import AutoencoderConfig, AutoencoderModel, KLAutoencoder
+from patchflow.codecs.autoencoder import AutoencoderConfig, KLAutoencoder
+from patchflow.train.codec_model import AutoencoderModel
 
 SMALL = dict(channels=[8, 16, 16], latent_channels=3)
 

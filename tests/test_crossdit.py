@@ -192,7 +192,7 @@ def test_config_checks_and_build_model_dispatch():
     with pytest.raises(ValueError, match="dual_attention_layers"):
         CrossDiT(tiny(dual_attention_layers=[0]))
     cfg = RunConfig(model=tiny(), data=DataConfig(dataset="color-digits")).validate()
-    model = build_model(cfg)
+    model = build_model(cfg.model)
     assert isinstance(model, CrossDiT) and isinstance(model.blocks, torch.nn.ModuleList)
 
 

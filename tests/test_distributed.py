@@ -173,7 +173,7 @@ result = {}
 
 def model():
     torch.manual_seed(0)
-    return build_model(cfg)
+    return build_model(cfg.model)
 
 
 reference = model()  # one process: the 2 global micro-batches, accumulated
@@ -262,7 +262,7 @@ if fault == "shards" and rank == 0:  # this process's part of the DCP checkpoint
         return real_stream(self, path, mode)
     FileSystem.create_stream = create_stream
 if fault == "files" and rank == 0:  # the files only the main process writes cannot be written
-    import patchflow.train.checkpoint as ckpt
+    import patchflow.run_dir as ckpt
     real_save = ckpt.save_file
     def save_file(tensors, path, **kw):
         if ".tmp-step" in path:

@@ -164,7 +164,7 @@ def test_config_checks_and_build_model_dispatch():
     with pytest.raises(ValueError, match="arch = 'mmdit'"):
         MMDiT(tiny(arch="crossdit", dual_attention_layers=[]))
     cfg = RunConfig(model=tiny(), data=DataConfig(dataset="color-digits")).validate()
-    assert isinstance(build_model(cfg), MMDiT)
+    assert isinstance(build_model(cfg.model), MMDiT)
 
 
 def test_bf16_autocast_stays_close_to_fp32():

@@ -19,11 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import patchflow.train.checkpoint as ckpt_mod
+import patchflow.run_dir as ckpt_mod
 from patchflow.cli import main
 from patchflow.config import ConfigError, load_config
 from patchflow.flow.objective import RectifiedFlowObjective
-from patchflow.train.checkpoint import (CheckpointError, checkpoints_to_keep, latest_checkpoint, list_checkpoints,
+from patchflow.run_dir import (CheckpointError, checkpoints_to_keep, latest_checkpoint, list_checkpoints,
                                         load_state, load_weights)
 from patchflow.train.trainer import PREEMPTED_EXIT_CODE, Trainer, train
 

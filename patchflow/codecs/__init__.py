@@ -25,7 +25,7 @@ FORMAT_VERSION = 1
 
 def save(codec: Codec, directory: str | Path, extra: dict | None = None) -> Path:
     """Write a patchflow codec directory (codec.json + codec.safetensors), each file atomically."""
-    from patchflow.train.checkpoint import atomic_save_safetensors, atomic_write_text, state_dict_for_save
+    from patchflow.run_dir import atomic_save_safetensors, atomic_write_text, state_dict_for_save
 
     from patchflow.codecs.autoencoder import KLAutoencoder
 
@@ -43,7 +43,7 @@ def save(codec: Codec, directory: str | Path, extra: dict | None = None) -> Path
 
 def _load_codec_dir(d: Path) -> Codec:
     from patchflow.codecs.autoencoder import AutoencoderConfig, KLAutoencoder
-    from patchflow.train.checkpoint import load_into, load_weights
+    from patchflow.run_dir import load_into, load_weights
 
     missing = [name for name in CODEC_FILES if not (d / name).is_file()]
     if missing:
@@ -64,10 +64,10 @@ def _load_codec_dir(d: Path) -> Codec:
     if meta.get("version") != KLAutoencoder.version:
         raise CodecError(f"{d / 'codec.json'}: codec version {meta.get('version')} was written by another patchflow "
                          f"(this one reads version {KLAutoencoder.version}); retrain the codec")
-    from patchflow.config import ConfigError, _build_section
+    from patchflow.checks import ConfigError, build_section
 
     try:
-        cfg = _build_section("codec config", AutoencoderConfig, meta["config"])
+        cfg = build_section("codec config", AutoencoderConfig, meta["config"])
         cfg.validate()
     except (ConfigError, TypeError, ValueError) as e:
         raise CodecError(f"{d / 'codec.json'}: invalid codec config: {e}") from None

@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from torch.func import functional_call
 
 from patchflow.codecs.base import Codec
 
@@ -255,76 +254,3 @@ class KLAutoencoder(Codec):
 
     def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
         return self._frames_out(self.decoder(self._frames_in(z)), z.shape[0])
-
-
-class PatchDiscriminator(nn.Module):
-    """A small PatchGAN on single frames: (N, C, H, W) -> (N, 1, H / 4, W / 4) realness logits."""
-
-    def __init__(self, in_channels: int, ch: int):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(in_channels, ch, 4, 2, 1), nn.LeakyReLU(0.2),
-            nn.Conv2d(ch, 2 * ch, 4, 2, 1), nn.GroupNorm(8, 2 * ch), nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * ch, 1, 3, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class AutoencoderModel(nn.Module):
-    """What a codec run trains: the codec and, with adversarial_weight > 0, its discriminator.
-
-    forward(x, noise) -> per-sample loss terms (B,) in one call, so DDP/FSDP see every parameter used in forward.
-    x: (B, C, T, H, W) in [-1, 1]; noise: N(0, I) of the latent shape (the posterior sample's noise).
-    """
-
-    def __init__(self, cfg: AutoencoderConfig):
-        super().__init__()
-        self.config = cfg
-        self.codec = KLAutoencoder(cfg)
-        self.discriminator = PatchDiscriminator(cfg.in_channels, cfg.disc_channels) \
-            if cfg.adversarial_weight > 0 else None
-
-    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
-        mean, logvar = self.codec.encode_moments(x)
-        z = mean + torch.exp(0.5 * logvar) * noise.to(mean.dtype)
-        recon = self.codec.decode_raw(z)
-        err = (recon.float() - x.float()).flatten(1)
-        pixels = err.shape[1]
-        terms = {"l1": err.abs().mean(1), "mse": err.pow(2).mean(1),
-                 # KL(q(z|x) || N(0, I)) summed over latent values, per pixel value like the reconstruction terms
-                 "kl": 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1 - logvar.float()).flatten(1).sum(1)
-                 / pixels}
-        if self.discriminator is not None:
-            frames = lambda v: rearrange(v, "b c t h w -> (b t) c h w")
-            per_sample = lambda v: rearrange(v, "(b t) 1 h w -> b (t h w)", b=x.shape[0]).mean(1)
-            # the generator's term must not train the discriminator: it sees detached discriminator weights
-            frozen = {k: p.detach() for k, p in self.discriminator.named_parameters()}
-            terms["generator"] = -per_sample(functional_call(self.discriminator, frozen, (frames(recon),)))
-            real = self.discriminator(frames(x))
-            fake = self.discriminator(frames(recon.detach()))
-            terms["discriminator"] = per_sample(F.relu(1 - real)) + per_sample(F.relu(1 + fake))
-        return terms
-
-
-class AutoencoderObjective:
-    """The codec run's objective, with the flows' interface: loss(model_fn, x0, generator, shard) -> (B,)."""
-
-    def __init__(self, cfg: AutoencoderConfig):
-        self.cfg = cfg
-
-    def loss(self, model_fn, x0: torch.Tensor, generator: torch.Generator | None = None,
-             shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
-        from patchflow.flow.objective import global_draw
-
-        c = self.cfg
-        f, frames = c.space_factor, x0.shape[2]
-        t = frames if c.time_downsample == 1 else 1 + (frames - 1) // c.time_downsample
-        shape = (c.latent_channels, t, x0.shape[-2] // f, x0.shape[-1] // f)
-        noise = global_draw(x0, generator, shard, lambda n: torch.randn(
-            (n, *shape), generator=generator, device=x0.device))
-        terms = model_fn(x0, noise)
-        total = terms["l1"] + c.mse_weight * terms["mse"] + c.kl_weight * terms["kl"]
-        if "generator" in terms:
-            total = total + c.adversarial_weight * terms["generator"] + terms["discriminator"]
-        return total

@@ -63,7 +63,7 @@ from torch import Tensor
 from patchflow.config import FlowConfig, RunConfig, SampleConfig, from_dict, tomllib
 from patchflow.models.dit import DIT_SIZES, DiT, DiTConfig
 from patchflow.models.embed import sincos_3d
-from patchflow.train.checkpoint import atomic_save_safetensors, atomic_write_text, layout_mismatch, name_list
+from patchflow.run_dir import atomic_save_safetensors, atomic_write_text, layout_mismatch, name_list
 
 __all__ = [
     "OFFICIAL_NUM_HEADS",

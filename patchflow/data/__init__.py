@@ -5,7 +5,7 @@ import dataclasses
 
 import torch
 
-from patchflow.config import DataConfig
+from patchflow.data.config import DataConfig
 
 
 def pixel_shape(cfg: DataConfig) -> tuple[int, int, int]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from patchflow.config import DataConfig
+from patchflow.data.config import DataConfig
 from patchflow.paths import cache_root
 
 FORMAT = "patchflow-latent-cache"

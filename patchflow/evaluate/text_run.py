@@ -53,7 +53,7 @@ def training_minutes(run_dir: str | Path) -> dict[int, float]:
 def checkpoint_curve(run_dir: str | Path, score_fn) -> list[dict]:
     """[{step, minutes, rates}] of every kept checkpoint's EMA weights, by step; score_fn(pipe) -> rates."""
     from patchflow.pipeline import Pipeline
-    from patchflow.train.checkpoint import list_checkpoints, load_into, load_weights, step_of
+    from patchflow.run_dir import list_checkpoints, load_into, load_weights, step_of
 
     pipe = Pipeline.load(run_dir, device="cpu")
     minutes = training_minutes(run_dir)

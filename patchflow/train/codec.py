@@ -47,9 +47,9 @@ def reconstruction_psnr(codec: Codec, dataset, limit: int = 500) -> float:
 def export_codec(run_dir: str | Path, cfg: RunConfig | None = None) -> Path:
     """Write `<run>/codec/` from a finished codec run: its EMA weights, latent statistics measured on its training
     data, and the held-out reconstruction PSNR."""
-    from patchflow.codecs.autoencoder import AutoencoderModel
+    from patchflow.train.codec_model import AutoencoderModel
     from patchflow.data import build_dataset, pixel_shape
-    from patchflow.train.checkpoint import load_into, load_weights
+    from patchflow.run_dir import load_into, load_weights
 
     run_dir = Path(run_dir)
     cfg = cfg or load_config(run_dir / "config.toml")

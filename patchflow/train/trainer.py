@@ -44,11 +44,11 @@ from patchflow.data import (ResumableBatchSampler, WithCaptions, build_dataset, 
                             pixel_shape)
 from patchflow.conditioning import build_conditioning
 from patchflow.flops import matmul_peak, mfu_of_macs, run_forward_macs, warn_if_bf16_is_slow
-from patchflow.flow.objective import objective_for_run
-from patchflow.pipeline import build_model, preview, resolve_device, save_grid
+from patchflow.train.build import build_trainable, objective_for_run
+from patchflow.pipeline import preview, resolve_device, save_grid
 from patchflow.train import distributed
 from patchflow.train.codec import inflation
-from patchflow.train.checkpoint import (atomic_write_text, latest_checkpoint, load_into, load_state, load_weights,
+from patchflow.run_dir import (atomic_write_text, latest_checkpoint, load_into, load_state, load_weights,
                                         save_checkpoint, step_of)
 from patchflow.train.ema import EMA
 from patchflow.train.optim import adamw, lr_factor
@@ -183,7 +183,7 @@ class Trainer:
                 self.dataset = mix_images(self.dataset, build_dataset(images_config(cfg.data), "train", text=True),
                                           cfg.data.mix_images)
         self.sizes = self._sizes()
-        self.net = build_model(cfg)
+        self.net = build_trainable(cfg)
         if t.init_from.strip() and not (resume and latest_checkpoint(self.out) is not None):
             self._init_from(t.init_from.strip())
         if inflate is not None:  # a video codec starting from an image codec (also on resume: step 0 must match)
@@ -475,7 +475,7 @@ class Trainer:
         if not self.main:
             return None
         if not hasattr(self, "_sampler_model"):  # a plain copy of the model for the EMA weights
-            self._sampler_model = build_model(self.cfg).to(self.device).eval().requires_grad_(False)
+            self._sampler_model = build_trainable(self.cfg).to(self.device).eval().requires_grad_(False)
         self._sampler_model.load_state_dict(ema_sd)
         images, nrow = preview(self._sampler_model, self.cfg, self.codec, device=self.device,
                                conditioning=self.conditioning)

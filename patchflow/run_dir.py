@@ -1,4 +1,6 @@
-"""Checkpoints: weights in safetensors, training state loaded with weights_only, crash-safe writes.
+"""The run directory, the unit everything exchanges: its config, weights in safetensors, checkpoints (training
+state loaded with weights_only) and crash-safe writes. The trainer writes it; sampling, conversion, evaluation,
+serving and reports read it without the training package.
 
 Layout of a run directory:
   config.toml  model.safetensors  ema.safetensors  log.jsonl  samples/
@@ -276,3 +278,13 @@ def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source:
     if problem:
         raise ValueError(f"{source} does not match the model config: {problem}")
     module.load_state_dict(tensors, strict=True)
+
+
+def load_run_config(run_dir: str | Path):
+    """The RunConfig of a run directory (its config.toml), checked like any config."""
+    from patchflow.config import load_config
+
+    path = Path(run_dir) / "config.toml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a patchflow run directory: {path} is missing")
+    return load_config(path)
