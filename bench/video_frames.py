@@ -2,7 +2,7 @@
 
     python bench/video_frames.py RUN OUT.png [--t2v 6] [--i2v 3] [--seed 0] [--scale 1]
 
-Rows: the first `--t2v` prompts of the demo grid (`patchflow.cli.demo_video_prompts`) as text-to-video, then
+Rows: the first `--t2v` prompts of the demo grid (`patchflow.train.demo.demo_video_prompts`) as text-to-video, then
 `--i2v` image-to-video clips started from real held-out first frames (the validation clips `patchflow eval` uses,
 their canonical captions). 8 frames each, the run's sampling settings.
 """
@@ -13,7 +13,7 @@ import argparse
 import numpy as np
 from PIL import Image
 
-from patchflow.cli import demo_video_prompts
+from patchflow.train.demo import demo_video_prompts
 from patchflow.evaluate.video_run import _held_out
 from patchflow.pipeline import Pipeline, grid
 

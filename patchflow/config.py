@@ -163,7 +163,7 @@ class RunConfig:
         self.train.validate()
         self.codec.validate()
         self.text.validate()
-        if self.is_codec_run:
+        if self.kind.codec:
             return self._validate_codec_run()
         self.sample.validate(self.flow.objective)
         if self.flow.objective == "rectified" and self.model.learn_sigma:
@@ -180,10 +180,10 @@ class RunConfig:
             raise ConfigError("data.mix_images adds one-frame clips to multi-frame ones: batches must then be "
                               "bucketed (data.buckets with a one-frame bucket) or packed (train.pack_tokens)")
         captioned = ("color-digits", "moving-digits", "captions")
-        if self.is_text_run and self.data.dataset not in captioned:
+        if self.kind.prompts and self.data.dataset not in captioned:
             raise ConfigError(f"model.arch = {self.model.arch!r} learns from captions; data.dataset = "
                               f"{show(self.data.dataset)} has none: use one of {', '.join(map(repr, captioned))}")
-        if not self.is_text_run and self.data.dataset == "captions":
+        if not self.kind.prompts and self.data.dataset == "captions":
             raise ConfigError("data.dataset = \"captions\" gives (image or clip, caption) pairs for a text-conditioned "
                               "model: set model.arch = \"mmdit\" (or \"crossdit\"; \"video\" for clips), or use "
                               "\"folder\" for labels from class subfolders")

@@ -89,10 +89,10 @@ def warn_if_bf16_is_slow(device: str | torch.device, setting: str) -> None:
 def run_forward_macs(cfg, net: torch.nn.Module) -> int:
     """Forward MACs per training sample of a run's model (RunConfig): analytic for a DiT, counted by PyTorch for a
     text model (on `models.example_inputs`) and for a codec run's autoencoder (on one item of the run's data)."""
-    if cfg.model.arch == "dit":
+    if cfg.kind.labels:
         return dit_forward_macs(cfg.model)
     device = next(net.parameters()).device
-    if cfg.is_text_run:
+    if cfg.kind.prompts:
         from patchflow.models import example_inputs
 
         args, kwargs = example_inputs(cfg.model, 1, device)

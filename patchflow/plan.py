@@ -124,7 +124,7 @@ def make_plan(cfg: RunConfig) -> Plan:
     stem = Part(one.fixed - block.fixed, one.per_sample - block.per_sample)
     both_inputs = part(ckpt[1], ckpt[2])
     block_input = Part((both_inputs.fixed - stem.fixed) / 2, (both_inputs.per_sample - stem.per_sample) / 2)
-    return Plan(params=params, forward_macs=run_forward_macs(cfg, full) if cfg.is_text_run else dit_forward_macs(m),
+    return Plan(params=params, forward_macs=run_forward_macs(cfg, full),
                 stem=stem, block=block, block_input=block_input,
                 depth=m.depth)
 

@@ -20,71 +20,16 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from patchflow.weights import (CheckpointError, _fsync_dir, _fsync_file, _remove_on_os_error,  # noqa: F401
+                               atomic_save_safetensors, atomic_write_text, layout_mismatch, load_into, load_weights,
+                               name_list, state_dict_for_save)
 
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".del-"
 FILES = ("model.safetensors", "ema.safetensors", "state.pt")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read safely; the message names the file."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def state_dict_for_save(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Contiguous CPU copies (safetensors refuses shared or strided storage)."""
-    return {k: v.detach().contiguous().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def _remove_on_os_error(tmp: Path, write) -> None:
-    """Run write(); on OSError (disk full, read-only) delete the partial `tmp` and re-raise."""
-    try:
-        write()
-    except OSError:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-
-    def write():
-        save_file(tensors, str(tmp), metadata=metadata)
-        _fsync_file(tmp)
-
-    _remove_on_os_error(tmp, write)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-
-    def write():
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-    _remove_on_os_error(tmp, write)
-    os.replace(tmp, path)
 
 
 def step_of(folder: Path) -> int:
@@ -214,19 +159,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors from a .safetensors file; anything else (a pickle, a .pt) is refused, never unpickled."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} not found")
-    if path.suffix != ".safetensors":
-        raise CheckpointError(f"{path}: patchflow reads weights only from .safetensors files (no pickle)")
-    try:
-        return load_file(str(path))
-    except SafetensorError as e:
-        raise CheckpointError(f"{path} is not a valid safetensors file ({e}); refusing to read it") from None
-
-
 def _pickle_reason(e: Exception) -> str:
     """The line of torch's weights_only message that names the refused global, without its advice to
     disable weights_only (which would run the file's code)."""
@@ -247,37 +179,6 @@ def load_state(path: Path) -> dict:
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path} is not a patchflow training state (no 'step' entry)")
     return state
-
-
-def name_list(keys, limit: int = 8) -> str:
-    """'a', 'b' ... and N more: sorted keys for an error message."""
-    keys = sorted(keys)
-    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(repr(k) for k in keys[:limit]) + more
-
-
-def layout_mismatch(found: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], limit: int = 8) -> str:
-    """'' when `found` has exactly the expected keys and shapes, else what is missing, unexpected or misshapen."""
-    missing = set(expected) - set(found)
-    unexpected = set(found) - set(expected)
-    wrong = sorted(k for k in set(expected) & set(found) if tuple(found[k].shape) != tuple(expected[k]))
-    parts = []
-    if missing:
-        parts.append(f"missing keys: {name_list(missing, limit)}")
-    if unexpected:
-        parts.append(f"unexpected keys: {name_list(unexpected, limit)}")
-    if wrong:
-        shown = ", ".join(f"{k!r} is {tuple(found[k].shape)}, expected {tuple(expected[k])}" for k in wrong[:limit])
-        parts.append(f"wrong shapes: {shown}" + (f" ... and {len(wrong) - limit} more" if len(wrong) > limit else ""))
-    return "; ".join(parts)
-
-
-def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Strict load with a message that lists what is missing, unexpected or misshapen."""
-    problem = layout_mismatch(tensors, {k: tuple(v.shape) for k, v in module.state_dict().items()})
-    if problem:
-        raise ValueError(f"{source} does not match the model config: {problem}")
-    module.load_state_dict(tensors, strict=True)
 
 
 def load_run_config(run_dir: str | Path):

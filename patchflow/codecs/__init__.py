@@ -25,7 +25,7 @@ FORMAT_VERSION = 1
 
 def save(codec: Codec, directory: str | Path, extra: dict | None = None) -> Path:
     """Write a patchflow codec directory (codec.json + codec.safetensors), each file atomically."""
-    from patchflow.run_dir import atomic_save_safetensors, atomic_write_text, state_dict_for_save
+    from patchflow.weights import atomic_save_safetensors, atomic_write_text, state_dict_for_save
 
     from patchflow.codecs.autoencoder import KLAutoencoder
 
@@ -43,7 +43,7 @@ def save(codec: Codec, directory: str | Path, extra: dict | None = None) -> Path
 
 def _load_codec_dir(d: Path) -> Codec:
     from patchflow.codecs.autoencoder import AutoencoderConfig, KLAutoencoder
-    from patchflow.run_dir import load_into, load_weights
+    from patchflow.weights import load_into, load_weights
 
     missing = [name for name in CODEC_FILES if not (d / name).is_file()]
     if missing:

@@ -63,17 +63,10 @@ from torch import Tensor
 from patchflow.config import FlowConfig, RunConfig, SampleConfig, from_dict, tomllib
 from patchflow.models.dit import DIT_SIZES, DiT, DiTConfig
 from patchflow.models.embed import sincos_3d
-from patchflow.run_dir import atomic_save_safetensors, atomic_write_text, layout_mismatch, name_list
+from patchflow.weights import atomic_save_safetensors, atomic_write_text, layout_mismatch, name_list
 
-__all__ = [
-    "OFFICIAL_NUM_HEADS",
-    "convert_diffusers_dit",
-    "convert_official_dit",
-    "diffusers_to_patchflow",
-    "load_diffusers_dit",
-    "load_official_state_dict",
-    "official_to_patchflow",
-]
+__all__ = ["OFFICIAL_NUM_HEADS", "convert_diffusers_dit", "convert_official_dit", "diffusers_to_patchflow",
+           "load_diffusers_dit", "load_official_state_dict", "official_to_patchflow"]
 
 # The paper's hidden sizes -> attention heads (DiT-S, -B, -L, -XL).
 OFFICIAL_NUM_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}

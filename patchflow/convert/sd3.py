@@ -62,7 +62,8 @@ from patchflow.convert.dit import DIFFUSERS_WEIGHTS, _check_out_dir, load_diffus
 from patchflow.models.embed import CroppedPositions
 from patchflow.models.mmdit import MMDiT
 from patchflow.models.text_config import MMDiTConfig
-from patchflow.run_dir import atomic_save_safetensors, atomic_write_text, layout_mismatch
+from patchflow.run_dir import latest_checkpoint, load_run_config
+from patchflow.weights import atomic_save_safetensors, atomic_write_text, layout_mismatch, load_weights
 
 __all__ = ["diffusers_sd3_to_patchflow", "export_diffusers_sd3", "import_diffusers_sd3", "patchflow_to_diffusers_sd3"]
 
@@ -425,9 +426,6 @@ def import_diffusers_sd3(src, out_dir, pipeline=None) -> Path:
 def export_diffusers_sd3(run_dir, out_dir, ema: bool = True) -> Path:
     """patchflow MMDiT run -> a folder SD3Transformer2DModel.from_pretrained loads (config.json and
     diffusion_pytorch_model.safetensors, float32); EMA weights unless ema=False. Returns the folder."""
-    from patchflow.pipeline import load_run_config
-    from patchflow.run_dir import latest_checkpoint, load_weights
-
     run_dir, out = Path(run_dir), Path(out_dir)
     if (out / "config.json").exists():
         raise FileExistsError(f"{out} already holds a model (config.json exists); choose a new output directory")
