@@ -9,6 +9,7 @@ from PIL import Image
 
 from patchflow import clip_files
 from patchflow.clip_files import fit_frame, read_clip, read_image, write_clip, write_clips_npz
+from patchflow.media import write as clip_write  # where write_clip looks up _write_gif
 
 INSTALL = "pip install imageio imageio-ffmpeg"
 
@@ -238,7 +239,7 @@ def test_writes_are_atomic(tmp_path, clip, monkeypatch):
         tmp.write_bytes(b"half a GIF")
         raise OSError("disk full")
 
-    monkeypatch.setattr(clip_files, "_write_gif", crash)
+    monkeypatch.setattr(clip_write, "_write_gif", crash)
     with pytest.raises(OSError, match="disk full"):
         write_clip(path, clip[::-1])
     assert path.read_bytes() == before and leftovers(path.parent) == []
