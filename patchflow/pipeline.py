@@ -18,6 +18,7 @@ from patchflow.flow.objective import build_objective
 from patchflow.media.grids import grid, save_grid  # noqa: F401 - imported from here (cli, trainer, serve)
 from patchflow.models import build_model
 from patchflow.run_dir import latest_checkpoint, load_into, load_run_config, load_weights
+from patchflow.sample_request import PYTHON, check_request
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -113,7 +114,7 @@ def generate(model: nn.Module, cfg: RunConfig, targets, *, conditioning=None, ne
     if height % p or width % p or height < p or width < p:
         raise ValueError(f"size {height}x{width} must be positive multiples of the patch size {p} (in the model's "
                          f"units)")
-    if frames != m.frames and m.arch != "video":
+    if frames != m.frames and not cfg.kind.video:
         raise ValueError(f"frames: this {m.arch} model makes {m.frames}-frame samples; other lengths need a video "
                          f"model (model.arch = \"video\")")
     if frames < 1 or frames % pt:
@@ -184,12 +185,12 @@ def preview(model: nn.Module, cfg: RunConfig, codec=None, device: torch.device |
     held-out prompts (`preview_prompts`). A codec run: held-out items (rows of originals) above their
     reconstructions; clips show one frame per column.
     """
-    if cfg.is_text_run:
-        video = cfg.model.arch == "video"
+    if cfg.kind.prompts:
+        video = cfg.kind.video
         x = generate(model, cfg, preview_prompts(cfg, 16 if video else 30), conditioning=conditioning, device=device,
                      codec=codec)
         return (to_uint8(x), 4) if video else (to_uint8(x)[:, 0], 10)
-    if not cfg.is_codec_run:
+    if cfg.kind.labels:
         m = cfg.model
         rows = max(1, min(10, 100 // m.num_classes))
         x = generate(model, cfg, torch.arange(m.num_classes).repeat(rows), conditioning=conditioning, device=device,
@@ -233,34 +234,20 @@ class Pipeline:
         from patchflow import codecs
 
         cfg = load_run_config(run_dir)
-        if cfg.is_codec_run:
-            raise ConfigError(f"{run_dir} is a codec run (it trains an autoencoder, it does not sample); use "
-                              f"patchflow.codecs.load({str(run_dir)!r}) to encode and decode with it")
+        if cfg.kind.codec:
+            check_request(cfg, PYTHON, str(run_dir))  # the codec run's message
         device = resolve_device(device)
         codec = None if cfg.codec.source == "identity" else codecs.load(run_dir, device=device)
         return cls(load(run_dir, ema=ema, device=device), cfg, codec)
 
-    def targets(self, labels=None, prompt=None, n: int | None = None) -> list | torch.Tensor:
-        """What to sample, checked: N labels for a class run, N prompts for a text run."""
+    def targets(self, labels=None, prompt=None, n: int | None = None) -> tuple[list | None, list | None]:
+        """(labels, prompts) as lists, None where not given; an int label or a string prompt is repeated n times."""
         n = self.cfg.sample.n if n is None else n
-        if self.cfg.is_text_run:
-            if labels is not None:
-                raise ValueError("this is a text-to-image run: pass prompt= (a string or a list), not labels")
-            if prompt is None:
-                raise ValueError("pass prompt=: a string (sampled n times) or a list of prompts")
-            prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
-            for p in prompts:
-                if not isinstance(p, str) or not p.strip():
-                    raise ValueError(f"prompts must be non-empty text, got {p!r}; for an unconditional sample "
-                                     f"use guidance=1 with any prompt")
-            return prompts
         if prompt is not None:
-            raise ValueError("this is a class-conditional run: pass labels= (class numbers), not a prompt")
-        if labels is None:
-            raise ValueError("pass labels=: an int class or a list of classes")
-        if isinstance(labels, int):
-            labels = [labels] * n
-        return torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+            prompt = [prompt] * n if isinstance(prompt, str) else list(prompt)
+        if labels is not None:
+            labels = [labels] * n if isinstance(labels, int) else torch.as_tensor(labels).reshape(-1).tolist()
+        return labels, prompt
 
     def __call__(self, labels=None, *, prompt=None, negative_prompt: str | None = None, n: int | None = None,
                  steps: int | None = None, guidance: float | None = None, seed: int | None = None,
@@ -283,15 +270,11 @@ class Pipeline:
         """
         if output not in ("np", "pil"):
             raise ConfigError(f"output must be 'np' or 'pil', got {output!r}")
-        if negative_prompt is not None and not self.cfg.is_text_run:
-            raise ValueError("negative_prompt needs a text-to-image run; this run is class-conditional")
-        given = [k for k, v in (("frames", frames), ("first_frame", first_frame), ("extend", extend),
-                                ("video", video)) if v is not None]
-        if given and not self.is_video:
-            raise ValueError(f"{given[0]}= needs a video run (model.arch = \"video\"); this run makes images")
-        if len(given) - (frames is not None) > 1:
-            raise ValueError("pass at most one of first_frame=, extend= and video=")
-        targets = self.targets(labels, prompt, n)
+        labels, prompts = self.targets(labels, prompt, n)
+        check_request(self.cfg, PYTHON, "this run", labels=labels, prompts=prompts, negative=negative_prompt,
+                      sampler=sampler, frames=frames, first_frame=first_frame, extend=extend, video=video,
+                      strength=strength if video is not None else None)
+        targets = prompts if self.cfg.kind.prompts else torch.as_tensor(labels, dtype=torch.long)
         common = dict(conditioning=self.conditioning, negative=negative_prompt, steps=steps, guidance=guidance,
                       sampler=sampler, seed=seed, progress=progress, codec=self.codec, size=self.model_size(size))
         if not self.is_video:
@@ -311,7 +294,7 @@ class Pipeline:
     # ---- video ---------------------------------------------------------------------------------------------
     @property
     def is_video(self) -> bool:
-        return self.cfg.model.arch == "video"
+        return self.cfg.kind.video
 
     def pixel_frames(self, latent_frames: int | None = None) -> int:
         """Pixel frames of `latent_frames` model frames (default the training length)."""
@@ -366,8 +349,6 @@ class Pipeline:
     def _video(self, targets, common, frames, first_frame, extend, video, strength, size, keyframe) -> np.ndarray:
         n, hw = len(targets), self.pixel_size(size)
         if video is not None:  # SDEdit: the whole clip, partly renoised
-            if not 0 < strength <= 1:
-                raise ValueError(f"strength must be in (0, 1], got {strength}")
             clip = self._pixels(video, "video", hw, clip=True)
             t = self.latent_frames(len(clip), "the clip's frame count")
             init = self._encode(clip[None]).expand(n, -1, -1, -1, -1).cpu()
