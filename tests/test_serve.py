@@ -209,7 +209,7 @@ BAD = [
     ({"run": "t2i", "prompt": "x", "frames": 4}, 400, "frames: run 't2i' makes images"),
     ({"run": "t2i", "prompt": "x", "height": 30, "width": 32}, 422, "multiples of 8"),
     ({"run": "t2i", "prompt": "x", "height": 32}, 400, "both height and width"),
-    ({"run": "t2i", "prompt": "x", "sampler": "ddpm"}, 422, "euler or heun"),
+    ({"run": "t2i", "prompt": "x", "sampler": "ddpm"}, 422, "choose one of: 'euler', 'heun'"),
     ({"run": "t2v", "prompt": "x", "first_frame": "bm90IGFuIGltYWdl"}, 400, "first_frame is not an image"),
     ({"run": "t2v", "prompt": "x", "first_frame": "%%%"}, 400, "not valid base64"),
     ({"run": "t2v", "prompt": "x", "frames": 1000}, 422, "frames"),
