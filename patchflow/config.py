@@ -22,9 +22,9 @@ from patchflow.codecs.autoencoder import AutoencoderConfig
 from patchflow.codecs.config import CodecConfig
 from patchflow.data.config import WORLDS, DataConfig
 from patchflow.flow.config import FlowConfig, samplers_for
-from patchflow.kinds import ARCHS, RunKind, model_config_class, run_kind
+from patchflow.kinds import ARCHS, RunKind, run_kind
 from patchflow.models.dit import DiTConfig
-from patchflow.models.text_config import MMDiTConfig, VideoDiTConfig  # noqa: F401 (re-exported)
+from patchflow.models.text_config import MMDiTConfig, VideoDiTConfig
 from patchflow.text.config import TextConfig
 
 __all__ = ["ARCHS", "CodecConfig", "ConfigError", "DataConfig", "FlowConfig", "MAX_SAMPLES", "PRESET_DIR",
@@ -86,7 +86,7 @@ class TrainConfig:
             raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
-        choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         if self.peak_tflops < 0:
             raise ConfigError(f"train.peak_tflops must be >= 0 (0 measures the peak once), got {self.peak_tflops}")
         choice("train.parallel", self.parallel, ("ddp", "fsdp"))
@@ -125,7 +125,7 @@ class SampleConfig:
                               f"{objective!r}; choose one of: {', '.join(map(repr, allowed))}")
         if not 1 <= self.n <= MAX_SAMPLES:
             raise ConfigError(f"sample.n must be in 1..{MAX_SAMPLES}, got {self.n}")
-        choice("sample.precision", self.precision, ("fp32", "bf16"))
+        choice("sample.precision", self.precision, ("auto", "fp32", "bf16"))
 
 
 @dataclass
@@ -234,6 +234,16 @@ class RunConfig:
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
+
+
+def model_config_class(arch):
+    """[model]'s dataclass for model.arch, by the run's kind."""
+    kind = run_kind(arch)
+    if kind.codec:
+        return AutoencoderConfig
+    if kind.video:
+        return VideoDiTConfig
+    return MMDiTConfig if kind.prompts else DiTConfig
 
 
 def _build_section(name: str, cls, values: dict):

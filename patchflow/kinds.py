@@ -1,7 +1,8 @@
 """The kind of a run, decided once from `model.arch`: what it learns from, what it takes and what it makes.
 
 Every other module asks the run's `RunKind` (`RunConfig.kind`) instead of testing `model.arch` itself; a new kind
-of run is one more `if` in `run_kind` and `model_config_class`, and a branch where its behaviour really differs.
+of run is one more `if` in `run_kind` and in `config.model_config_class` (its [model] dataclass), and a branch
+where its behaviour really differs. No torch here: the report (which never imports torch) asks it too.
 
 | kind    | archs             | conditioned on   | makes                      |
 | ------- | ----------------- | ---------------- | -------------------------- |
@@ -15,9 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from patchflow.checks import ConfigError, show
-from patchflow.codecs.autoencoder import AutoencoderConfig
-from patchflow.models.dit import DiTConfig
-from patchflow.models.text_config import MMDiTConfig, VideoDiTConfig
 
 ARCHS = ("dit", "mmdit", "crossdit", "video", "autoencoder")  # model.arch, in the order messages list them
 
@@ -65,13 +63,3 @@ def run_kind(arch: str) -> RunKind:
     if arch == "autoencoder":
         return RunKind("codec", arch)
     raise ConfigError(f"model.arch = {show(arch)} is not allowed; choose one of: {', '.join(map(repr, ARCHS))}")
-
-
-def model_config_class(arch):
-    """[model]'s dataclass for model.arch."""
-    kind = run_kind(arch)
-    if kind.codec:
-        return AutoencoderConfig
-    if kind.video:
-        return VideoDiTConfig
-    return MMDiTConfig if kind.prompts else DiTConfig
