@@ -1,8 +1,12 @@
 import pytest
 import torch
 
+from patchflow.models.crossdit import CrossDiT
 from patchflow.models.dit import DiT, DiTConfig
 from patchflow.models.embed import patchify, sincos_3d, timestep_frequencies, unpatchify
+from patchflow.models.mmdit import MMDiT
+from patchflow.models.text_config import MMDiTConfig, VideoDiTConfig
+from patchflow.models.video import VideoDiT
 
 
 def tiny(**kw):
@@ -124,21 +128,89 @@ def test_bad_input_shape_message():
         model(torch.randn(2, 3, 7, 8), torch.zeros(2), torch.zeros(2, dtype=torch.long))
 
 
-def test_compiled_blocks_match_eager_without_recompiling_per_shape():
+def graphs_per_case(model, cases, **compile_kwargs) -> list[int]:
+    """Run each case (a tuple of forward arguments) eagerly, compile the blocks, run them again: the outputs must
+    match. Returns the number of distinct graphs compiled so far after each compiled case."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
+    eager = [model(*a) for a in cases]
+    model.compile_blocks(**compile_kwargs)
+    graphs = []
+    for a, ref in zip(cases, eager):
+        torch.testing.assert_close(model(*a), ref, atol=1e-5, rtol=1e-5)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert model.compiled
+    return graphs
+
+
+def test_compiled_blocks_match_eager_without_recompiling_per_shape():
     model = randomize(DiT(tiny())).eval()
     shapes = [(2, 3, 1, 8, 8), (2, 3, 1, 16, 16), (2, 3, 1, 8, 24), (5, 3, 1, 16, 16), (3, 3, 2, 8, 12)]
     inputs = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
-    eager = [model(x, torch.full((x.shape[0],), 3.0), torch.zeros(x.shape[0], dtype=torch.long)) for x in inputs]
-    model.compile_blocks()
-    graphs = []
-    for x, ref in zip(inputs, eager):
-        out = model(x, torch.full((x.shape[0],), 3.0), torch.zeros(x.shape[0], dtype=torch.long))
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-        graphs.append(counters["stats"]["unique_graphs"])
+    graphs = graphs_per_case(model, [(x, torch.full((x.shape[0],), 3.0), torch.zeros(x.shape[0], dtype=torch.long))
+                                     for x in inputs])
     # the first shape compiles; new resolutions, batch sizes and frame counts reuse it (a token count that
     # happens to equal a static width, e.g. 32 tokens at hidden 32, costs one extra compile)
     assert graphs[0] >= 1 and graphs[-1] == graphs[1]
+
+
+def checkpointing_case(arch):
+    """(a 3-block model, every weight random, and a forward on fixed inputs) for each checkpointed architecture."""
+    g = torch.Generator().manual_seed(0)
+    if arch == "dit":
+        model, x = randomize(DiT(tiny(depth=3))), torch.randn(2, 3, 8, 8, generator=g)
+        return model, lambda: model(x, torch.tensor([3.0, 700.0]), torch.tensor([1, 5]))
+    sizes = dict(input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=3, num_heads=4, text_dim=12,
+                 pooled_dim=10)
+    text, pooled = torch.randn(2, 5, 12, generator=g), torch.randn(2, 10, generator=g)
+    mask = torch.arange(5)[None] < torch.tensor([[5], [3]])  # padding: the masked attention path
+    if arch == "video":  # factorized: temporal blocks between the joint ones; one timestep per frame
+        model = randomize(VideoDiT(VideoDiTConfig(**sizes, frames=2, attention="factorized")))
+        x, t = torch.randn(2, 4, 2, 8, 8, generator=g), torch.tensor([[0.0, 500.0], [900.0, 900.0]])
+    else:
+        model = randomize({"mmdit": MMDiT, "crossdit": CrossDiT}[arch](MMDiTConfig(arch=arch, **sizes)))
+        x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([20.0, 800.0])
+    return model, lambda: model(x, t, text, pooled, mask)
+
+
+@pytest.mark.parametrize("arch", ["dit", "mmdit", "crossdit", "video"])
+def test_activation_checkpointing_recomputes_every_kth_block_and_changes_no_number(arch):
+    model, forward = checkpointing_case(arch)
+    calls = [0] * len(model.blocks)
+    for i, block in enumerate(model.blocks):  # a checkpointed block starts twice: in forward, again in backward
+        block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    runs = {}
+    for every in (0, 1, 2):
+        model.checkpoint_every, calls[:] = every, [0] * len(calls)
+        model.zero_grad()
+        out = forward()
+        out.square().mean().backward()
+        assert calls == [2 if every and i % every == 0 else 1 for i in range(len(calls))], every
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+        runs[every] = out.detach(), grads
+    ref, ref_grads = runs[0]
+    assert sum(int(g.count_nonzero()) for g in ref_grads) > 0
+    for every in (1, 2):
+        out, grads = runs[every]
+        assert torch.equal(out, ref), every
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():  # no autograd, nothing to save: no block is recomputed
+        calls[:] = [0] * len(calls)
+        assert torch.equal(forward(), ref) and calls == [1] * len(calls)
+
+
+def test_video_compiled_blocks_match_eager_without_recompiling_per_shape():
+    """VideoDiT marks its blocks' batch, token and text dims dynamic too (the shared BlockRunner)."""
+    model = randomize(VideoDiT(VideoDiTConfig(input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=2,
+                                              num_heads=4, text_dim=12, pooled_dim=10, frames=2))).eval()
+    g = torch.Generator().manual_seed(0)
+    # batch, height, width, prompt length: token counts (48, 72, 64) unlike any static width
+    cases = [(2, 8, 12, 5), (3, 12, 12, 7), (2, 16, 8, 6), (4, 8, 12, 5)]
+    args = [(torch.randn(b, 4, 2, h, w, generator=g), torch.rand(b, generator=g) * 1000,
+             torch.randn(b, n, 12, generator=g), torch.randn(b, 10, generator=g)) for b, h, w, n in cases]
+    with torch.no_grad():  # aot_eager: the graph capture is what is tested, not inductor's kernels
+        graphs = graphs_per_case(model, args, backend="aot_eager")
+    assert graphs[0] >= 1 and graphs[-1] == graphs[0]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from patchflow.flow.draws import global_coins
+
 
 def combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float, channels: int | None = None) -> torch.Tensor:
     """uncond + scale * (cond - uncond) on the first `channels` channels (dim 1); the rest (a learned
@@ -19,9 +21,7 @@ def drop_labels(y: torch.Tensor, null: int, prob: float, generator: torch.Genera
     batch (world x local) and keeps this rank's slice, so N processes drop what one process would."""
     if prob <= 0:
         return y
-    rank, world = shard
-    b = y.shape[0]
-    drop = torch.rand(b * world, generator=generator, device=y.device)[rank * b:(rank + 1) * b] < prob
+    drop = global_coins((), y.shape[0], prob, shard, generator, y.device)
     return torch.where(drop, torch.full_like(y, null), y)
 
 

@@ -7,14 +7,7 @@ import torch
 from patchflow.config import FlowConfig
 from patchflow.flow import rectified, samplers
 from patchflow.flow.ddpm import GaussianDiffusion
-
-
-def global_draw(x0: torch.Tensor, generator, shard: tuple[int, int], draw):
-    """Draw for the whole global batch (world x local) and keep this rank's slice, so a run on N processes
-    sees exactly the noise and timesteps that one process with the same global batch would."""
-    rank, world = shard
-    b = x0.shape[0]
-    return draw(b * world)[rank * b:(rank + 1) * b]
+from patchflow.flow.draws import global_draw
 
 
 class RectifiedFlowObjective:

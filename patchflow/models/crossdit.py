@@ -23,11 +23,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from patchflow.models.attention import Attention, HeadRMSNorm
 from patchflow.models.blocks import Mlp, modulate, xavier_linears, zero_linears
 from patchflow.models.embed import CroppedPositions, PatchEmbed, TimestepEmbedder, unpatchify
+from patchflow.models.plumbing import BlockRunner
 from patchflow.models.text_config import MMDiTConfig
 from patchflow.models.text_inputs import bool_mask, check_config, check_text_inputs, image_input
 
@@ -114,7 +114,7 @@ class CrossDiTFinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class CrossDiT(nn.Module):
+class CrossDiT(BlockRunner, nn.Module):
     """Text-to-image diffusion transformer with cross-attention. forward(x, t, text, pooled, text_mask) predicts
     the flow velocity."""
 
@@ -137,8 +137,6 @@ class CrossDiT(nn.Module):
         )
         # final layer
         self.final_layer = CrossDiTFinalLayer(d, p * p * config.out_channels)
-        self.checkpoint_every = 0  # activation checkpointing: 0 none, 1 every block, k every k-th block
-        self.compiled = False
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -160,13 +158,6 @@ class CrossDiT(nn.Module):
                 nn.init.normal_(block.scale_shift_table, std=d ** -0.5)
                 block.scale_shift_table[[2, 5]] = 0  # the attention and MLP gates
             nn.init.normal_(self.final_layer.scale_shift_table, std=d ** -0.5)
-
-    def compile_blocks(self, **kwargs) -> None:
-        """torch.compile each block. Batch, image-token and text-token dims are marked dynamic in forward, so one
-        compile serves every resolution, prompt length and batch size."""
-        for block in self.blocks:
-            block.compile(**kwargs)
-        self.compiled = True
 
     @staticmethod
     def key_mask(text_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -202,17 +193,10 @@ class CrossDiT(nn.Module):
         c = self.t_embedder(t) + self.pooled_embedder(pooled)  # PixArt has no pooled vector; see the module doc
         modulation = self.t_block(c)
         mask = self.key_mask(text_mask)
-        if self.compiled:
-            marks = [(tokens, 0), (tokens, 1), (text, 0), (text, 1), (modulation, 0)]
-            for tensor, dim in marks + ([(mask, 0), (mask, 3)] if mask is not None else []):
-                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        self.mark_dynamic((tokens, 0, 1), (text, 0, 1), (modulation, 0), (mask, 0, 3))
         # blocks
-        recompute = self.checkpoint_every > 0 and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            if recompute and i % self.checkpoint_every == 0:  # keep only the block inputs; recompute in backward
-                tokens = checkpoint(block, tokens, text, modulation, mask, use_reentrant=False)
-            else:
-                tokens = block(tokens, text, modulation, mask)
+            tokens = self.run_block(i, block, tokens, text, modulation, mask)
         # final layer
         out = unpatchify(self.final_layer(tokens, c), (1, h, w), self.patch)
         return out if video else out[:, :, 0]

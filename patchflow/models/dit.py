@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from patchflow.models.blocks import AdaLNBlock, FinalLayer, xavier_linears, zero_linears
 from patchflow.models.embed import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_3d, unpatchify
+from patchflow.models.plumbing import BlockRunner
 
 # name -> (depth, hidden_size, num_heads). S/B/L/XL are the paper's; Mini and Micro are CPU sizes.
 DIT_SIZES = {
@@ -93,7 +93,7 @@ class DiTConfig:
             raise ValueError(f"model.time_freq_shift must be in [0, 128), got {self.time_freq_shift}")
 
 
-class DiT(nn.Module):
+class DiT(BlockRunner, nn.Module):
     """Class-conditional diffusion transformer. forward(x, t, y) predicts noise / velocity per pixel."""
 
     def __init__(self, config: DiTConfig):
@@ -110,8 +110,6 @@ class DiT(nn.Module):
             for _ in range(config.depth)
         )
         self.final_layer = FinalLayer(d, p * p * config.out_channels)
-        self.checkpoint_every = 0  # activation checkpointing: 0 none, 1 every block, k every k-th block
-        self.compiled = False
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -122,13 +120,6 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         zero_linears([block.adaLN_modulation[-1] for block in self.blocks]
                      + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear])
-
-    def compile_blocks(self, **kwargs) -> None:
-        """torch.compile each block. Batch and token dims are marked dynamic in forward, so one compile
-        serves every resolution, frame count and batch size instead of a recompile per shape."""
-        for block in self.blocks:
-            block.compile(**kwargs)
-        self.compiled = True
 
     def pos_embed(self, grid: tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:
         """Fixed sin-cos positions for a token grid: (1, N, D)."""
@@ -152,14 +143,8 @@ class DiT(nn.Module):
         tokens = self.x_embedder(x)
         tokens = tokens + self.pos_embed(grid, tokens)
         c = self.t_embedder(t) + self.y_embedder(y)
-        if self.compiled:
-            for tensor, dim in ((tokens, 0), (tokens, 1), (c, 0)):
-                torch._dynamo.maybe_mark_dynamic(tensor, dim)
-        recompute = self.checkpoint_every > 0 and torch.is_grad_enabled()
+        self.mark_dynamic((tokens, 0, 1), (c, 0))
         for i, block in enumerate(self.blocks):
-            if recompute and i % self.checkpoint_every == 0:  # keep only the block input; recompute in backward
-                tokens = checkpoint(block, tokens, c, use_reentrant=False)
-            else:
-                tokens = block(tokens, c)
+            tokens = self.run_block(i, block, tokens, c)
         out = unpatchify(self.final_layer(tokens, c), grid, self.patch)
         return out.squeeze(2) if image else out

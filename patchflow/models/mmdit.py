@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from patchflow.models.blocks import FinalLayer, xavier_linears, zero_linears
 from patchflow.models.embed import CroppedPositions, PatchEmbed, TimestepEmbedder, unpatchify
 from patchflow.models.joint import JointBlock
+from patchflow.models.plumbing import BlockRunner
 from patchflow.models.text_config import MMDiTConfig
 from patchflow.models.text_inputs import bool_mask, check_config, check_text_inputs, image_input
 
 
-class MMDiT(nn.Module):
+class MMDiT(BlockRunner, nn.Module):
     """Text-to-image diffusion transformer. forward(x, t, text, pooled, text_mask) predicts the flow velocity."""
 
     def __init__(self, config: MMDiTConfig):
@@ -42,8 +42,6 @@ class MMDiT(nn.Module):
             for i in range(config.depth)
         )
         self.final_layer = FinalLayer(d, p * p * config.out_channels)
-        self.checkpoint_every = 0  # activation checkpointing: 0 none, 1 every block, k every k-th block
-        self.compiled = False
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -53,13 +51,6 @@ class MMDiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         zero_linears([m for block in self.blocks for m in (block.adaLN_modulation[-1], block.text_adaLN_modulation[-1])]
                      + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear])
-
-    def compile_blocks(self, **kwargs) -> None:
-        """torch.compile each block. Batch, image-token and text-token dims are marked dynamic in forward, so one
-        compile serves every resolution, prompt length and batch size."""
-        for block in self.blocks:
-            block.compile(**kwargs)
-        self.compiled = True
 
     @staticmethod
     def key_mask(text_mask: torch.Tensor | None, num_image: int) -> torch.Tensor | None:
@@ -89,15 +80,8 @@ class MMDiT(nn.Module):
         text = self.text_embedder(text)
         c = self.t_embedder(t) + self.pooled_embedder(pooled)
         mask = self.key_mask(text_mask, h * w)
-        if self.compiled:
-            marks = [(tokens, 0), (tokens, 1), (text, 0), (text, 1), (c, 0)]
-            for tensor, dim in marks + ([(mask, 0), (mask, 3)] if mask is not None else []):
-                torch._dynamo.maybe_mark_dynamic(tensor, dim)
-        recompute = self.checkpoint_every > 0 and torch.is_grad_enabled()
+        self.mark_dynamic((tokens, 0, 1), (text, 0, 1), (c, 0), (mask, 0, 3))
         for i, block in enumerate(self.blocks):
-            if recompute and i % self.checkpoint_every == 0:  # keep only the block inputs; recompute in backward
-                tokens, text = checkpoint(block, tokens, text, c, mask, use_reentrant=False)
-            else:
-                tokens, text = block(tokens, text, c, mask)
+            tokens, text = self.run_block(i, block, tokens, text, c, mask)
         out = unpatchify(self.final_layer(tokens, c), (1, h, w), self.patch)
         return out if video else out[:, :, 0]

@@ -23,18 +23,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from patchflow.models.blocks import FinalLayer, xavier_linears, zero_linears
 from patchflow.models.embed import CroppedPositions, PatchEmbed, TimestepEmbedder, unpatchify
 from patchflow.models.joint import JointBlock
+from patchflow.models.plumbing import BlockRunner
 from patchflow.models.spacetime import Layout, TemporalBlock, dense_or_block_mask, rope_angles, temporal_sincos
 from patchflow.models.text_config import VideoDiTConfig
 from patchflow.models.text_inputs import bool_mask, check_text
 
 
-class VideoDiT(nn.Module):
+class VideoDiT(BlockRunner, nn.Module):
     """Text-to-video diffusion transformer. forward(x, t, text, pooled, text_mask) predicts the flow velocity."""
+
+    block_lists = ("blocks", "temporal_blocks")  # both are compiled; checkpointing recomputes the joint blocks only
 
     def __init__(self, config: VideoDiTConfig):
         super().__init__()
@@ -56,8 +58,6 @@ class VideoDiT(nn.Module):
             TemporalBlock(d, config.num_heads, qk_norm=config.qk_norm) for _ in range(config.depth)
         ) if self.factorized else None
         self.final_layer = FinalLayer(d, pt * p * p * config.out_channels)
-        self.checkpoint_every = 0  # activation checkpointing: 0 none, 1 every block, k every k-th block
-        self.compiled = False
         # packed attention: None = flex_attention block masks on CUDA; elsewhere one attention per sample (full
         # attention) or SDPA with a dense mask (factorized); True / False force block masks / the CPU paths
         self.block_masks = None
@@ -71,12 +71,6 @@ class VideoDiT(nn.Module):
         zero = [m for block in self.blocks for m in (block.adaLN_modulation[-1], block.text_adaLN_modulation[-1])]
         zero += [b.adaLN_modulation[-1] for b in self.temporal_blocks or ()]
         zero_linears(zero + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear])
-
-    def compile_blocks(self, **kwargs) -> None:
-        """torch.compile each block (token, text and batch dims marked dynamic)."""
-        for block in [*self.blocks, *(self.temporal_blocks or ())]:
-            block.compile(**kwargs)
-        self.compiled = True
 
     # ---- inputs ------------------------------------------------------------------------------------------------
     def _grid(self, shape, what: str) -> tuple[int, int, int]:
@@ -147,12 +141,10 @@ class VideoDiT(nn.Module):
         return unpatchify(self.final_layer(out, c, index), grid, self.patch)
 
     def _blocks(self, tokens: torch.Tensor, text: torch.Tensor, c: torch.Tensor, layout: Layout) -> torch.Tensor:
-        recompute = self.checkpoint_every > 0 and torch.is_grad_enabled()
+        self.mark_dynamic((tokens, 0, 1), (text, 0, 1), (c, 0), (layout.text_c, 0), (layout.index, 0),
+                          (layout.text_index, 0), (layout.angles, 0), (layout.text_keys, 0, 1))
         for i, block in enumerate(self.blocks):
-            if recompute and i % self.checkpoint_every == 0:  # keep only the block inputs; recompute in backward
-                tokens, text = checkpoint(block, tokens, text, c, None, layout, use_reentrant=False)
-            else:
-                tokens, text = block(tokens, text, c, None, layout)
+            tokens, text = self.run_block(i, block, tokens, text, c, None, layout)
             if self.temporal_blocks is not None:
                 tokens = self.temporal_blocks[i](tokens, c, layout)
         return tokens

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from patchflow.flow.draws import global_coins
+
 
 class TextEncoderError(ValueError):
     """A text encoder that cannot be loaded or an input it cannot take; the message says what and how to fix it."""
@@ -142,18 +144,15 @@ def draw_dropout(num_encoders: int, batch: int, prob: float, generator: torch.Ge
                  shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Which prompts each encoder replaces by the empty prompt: (num_encoders, batch) bool, independent per encoder
     and sample with probability `prob`. The draw covers the global batch (world x batch) and keeps this rank's
-    columns, so N processes drop what one process would (the convention of `flow.guidance.drop_labels`; with one
-    encoder the draw is the same numbers)."""
+    columns, so N processes drop what one process would (`flow.draws.global_coins`, as `flow.guidance.drop_labels`
+    draws; with one encoder the draw is the same numbers). prob 0 draws nothing."""
     if not 0 <= prob <= 1:
         raise TextEncoderError(f"caption dropout probability must be in [0, 1], got {prob}")
     rank, world = shard
     if not 0 <= rank < world:
         raise TextEncoderError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
     device = generator.device if generator is not None else torch.device("cpu")
-    if prob <= 0:  # no draw at all, like drop_labels, so the generator's stream is the same as without dropout
-        return torch.zeros(num_encoders, batch, dtype=torch.bool, device=device)
-    u = torch.rand(num_encoders, batch * world, generator=generator, device=device)
-    return u[:, rank * batch:(rank + 1) * batch] < prob
+    return global_coins((num_encoders,), batch, prob, shard, generator, device)
 
 
 def digest(obj) -> str:
