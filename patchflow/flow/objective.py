@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from patchflow.config import FlowConfig
+from patchflow.flow.config import FlowConfig
 from patchflow.flow import rectified, samplers
 from patchflow.flow.ddpm import GaussianDiffusion
 from patchflow.flow.draws import global_draw
@@ -128,18 +128,9 @@ class DiffusionObjective:
         raise ValueError(f"unknown diffusion sampler {sampler!r}; choose one of: 'ddpm', 'ddim'")
 
 
-def build_objective(cfg: FlowConfig, learn_sigma: bool = False):
+def build_objective(cfg: FlowConfig, learn_sigma: bool = False, frames_per_token: int = 1):
+    """The objective of a [flow] section; frames_per_token: a video model's temporal patch (given frames come in
+    whole tubelets)."""
     if cfg.objective == "rectified":
-        return RectifiedFlowObjective(cfg)
+        return RectifiedFlowObjective(cfg, frames_per_token)
     return DiffusionObjective(cfg, learn_sigma)
-
-
-def objective_for_run(cfg):
-    """The objective a run trains with: its flow, or an autoencoder's reconstruction loss for a codec run."""
-    if cfg.model.arch == "autoencoder":
-        from patchflow.codecs.autoencoder import AutoencoderObjective
-
-        return AutoencoderObjective(cfg.model)
-    if cfg.flow.objective == "rectified":
-        return RectifiedFlowObjective(cfg.flow, getattr(cfg.model, "temporal_patch", 1))
-    return build_objective(cfg.flow, cfg.model.learn_sigma)
