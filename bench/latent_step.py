@@ -19,6 +19,7 @@ import torch
 
 from patchflow.config import load_config
 from patchflow.data import ResumableBatchSampler
+from patchflow.train.run import build_trainer
 from patchflow.train.trainer import Trainer
 
 
@@ -45,7 +46,7 @@ def main() -> None:
         for name, cache in ((f"cached {args.cache}", "auto"), ("encode every step", "off")):
             cfg = load_config(config, [f"{key}=\"{cache}\"", "train.sample_every=0",
                                        f"train.num_threads={args.threads}"])
-            trainer = Trainer(cfg, f"{tmp}/{cache}", progress=False)
+            trainer = build_trainer(cfg, f"{tmp}/{cache}", progress=False)  # a codec preset trained first
             runs[name] = (trainer, batches(trainer), [])
         for trainer, it, _ in runs.values():
             for _ in range(args.warmup):

@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 
 from patchflow.config import load_config
-from patchflow.train.trainer import train
+from patchflow.train.run import train
 
 PRECISIONS = ("fp32", "bf16")
 

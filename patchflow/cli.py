@@ -12,7 +12,7 @@ from pathlib import Path
 
 def cmd_train(args) -> None:
     from patchflow.config import load_config
-    from patchflow.train.trainer import train
+    from patchflow.train.run import train
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
@@ -67,7 +67,8 @@ def cmd_convert(args) -> None:
 def cmd_cache(args) -> None:
     from patchflow.config import ConfigError, load_config
     from patchflow.data.latent_cache import CacheError, build_cache, check_cache, default_cache_dir, shapes_text
-    from patchflow.train.codec import check_model_codec, ensure_codec
+    from patchflow.train.codec import check_model_codec
+    from patchflow.train.run import ensure_codec
 
     cfg = load_config(args.config, args.set)
     if cfg.kind.codec:

@@ -86,6 +86,29 @@ def warn_if_bf16_is_slow(device: str | torch.device, setting: str) -> None:
                       f"its config.toml)", stacklevel=2)
 
 
+BF16_MARGIN = 1.2  # "measurably faster": on a CPU, "auto" takes bf16 only at this multiple of the fp32 rate or more
+
+
+def choose_precision(device: str | torch.device) -> tuple[str, dict[str, float]]:
+    """What precision = "auto" runs on `device`: ("bf16" or "fp32", the matmul FLOP/s that decided it). A GPU: bf16
+    autocast when it supports bf16 (torch.cuda.is_bf16_supported; nothing measured, rates {}). A CPU: bf16 when its
+    bf16 matmuls measure at least BF16_MARGIN x its fp32 ones (AMX, AVX512-BF16), else fp32; measured once per
+    process (matmul_peak), not read from CPU flags. Any other device: fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return ("bf16" if torch.cuda.is_bf16_supported() else "fp32"), {}
+    if device.type != "cpu":
+        return "fp32", {}
+    rates = {"bf16": matmul_peak(torch.bfloat16, n=512, reps=2), "fp32": matmul_peak(torch.float32, n=512, reps=2)}
+    return ("bf16" if rates["bf16"] >= BF16_MARGIN * rates["fp32"] else "fp32"), rates
+
+
+def resolve_precision(setting: str, device: str | torch.device) -> str:
+    """train.precision or sample.precision as it runs on `device`: "auto" chosen by choose_precision, any other
+    value itself."""
+    return choose_precision(device)[0] if setting == "auto" else setting
+
+
 def run_forward_macs(cfg, net: torch.nn.Module) -> int:
     """Forward MACs per training sample of a run's model (RunConfig): analytic for a DiT, counted by PyTorch for a
     text model (on `models.example_inputs`) and for a codec run's autoencoder (on one item of the run's data)."""

@@ -463,7 +463,7 @@ def mixed_folder(root):
 
 
 def test_training_on_a_mixed_folder_with_corrupt_files(tmp_path):
-    from patchflow.train.trainer import train
+    from patchflow.train.run import train
 
     folder = mixed_folder(tmp_path / "data")
     assert len(list(folder.rglob("*.*"))) == 20

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from patchflow.config import load_config
-from patchflow.train.trainer import train
+from patchflow.train.run import train
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
 

@@ -24,7 +24,7 @@ import patchflow.cli as cli
 import patchflow.convert.dit
 import patchflow.evaluate.digits
 import patchflow.pipeline
-import patchflow.train.trainer
+import patchflow.train.run
 from patchflow.config import MAX_SAMPLES, PRESET_DIR, SECTIONS, ConfigError, RunConfig, from_dict, load_config
 from patchflow.models.dit import DiT
 
@@ -169,7 +169,7 @@ def work(monkeypatch, files):
             raise WorkStarted(name)
         return record
 
-    monkeypatch.setattr(patchflow.train.trainer, "train", recorder("train"))
+    monkeypatch.setattr(patchflow.train.run, "train", recorder("train"))
     monkeypatch.setattr(patchflow.pipeline.Pipeline, "load", recorder("Pipeline.load"))
     monkeypatch.setattr(patchflow.evaluate.digits, "evaluate_samples", recorder("evaluate_samples"))
     monkeypatch.setattr(patchflow.convert.dit, "load_official_state_dict", recorder("convert"))

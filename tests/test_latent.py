@@ -18,7 +18,8 @@ from patchflow.config import load_config
 from patchflow.data import build_dataset
 from patchflow.data.latent_cache import CacheError, LatentCacheDataset, build_cache, default_cache_dir
 from patchflow.pipeline import Pipeline
-from patchflow.train.trainer import Trainer, train
+from patchflow.train.run import train
+from patchflow.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 CODEC = ["model.arch=\"autoencoder\"", "model.in_channels=1", "model.latent_channels=2", "model.channels=[8, 8]",
@@ -252,20 +253,19 @@ def test_resume_refuses_another_codec(codec_run, tmp_path, monkeypatch):
 
 
 def test_a_codec_preset_is_trained_into_the_cache_once_when_missing(tmp_path, monkeypatch):
-    import patchflow.train.codec as codec_mod
-    import patchflow.train.trainer as trainer_mod
+    import patchflow.train.run as run_mod
     from patchflow.codecs.presets import cached_codec_dir
 
     monkeypatch.setenv("PATCHFLOW_CACHE", str(tmp_path / "cache"))
-    real_load = codec_mod.load_config
-    monkeypatch.setattr(codec_mod, "load_config", lambda name, *a: real_load(name, CODEC[4:] + ["train.steps=2"]))
+    real_load = run_mod.load_config
+    monkeypatch.setattr(run_mod, "load_config", lambda name, *a: real_load(name, CODEC[4:] + ["train.steps=2"]))
     trained = []
-    real_train = trainer_mod.train
-    monkeypatch.setattr(trainer_mod, "train", lambda *a, **k: trained.append(a[1]) or real_train(*a, **k))
+    real_train = run_mod.train
+    monkeypatch.setattr(run_mod, "train", lambda *a, **k: trained.append(a[1]) or real_train(*a, **k))
     with pytest.raises(codecs.CodecError, match="codec preset 'codec-digits' is not trained on this machine yet"):
         codecs.load("codec-digits")
-    first = codec_mod.ensure_codec("codec-digits", progress=False)
+    first = run_mod.ensure_codec("codec-digits", progress=False)
     assert trained == [cached_codec_dir("codec-digits")] and first.latent_channels == 4
-    second = codec_mod.ensure_codec("codec-digits", progress=False)  # cached now: no training
+    second = run_mod.ensure_codec("codec-digits", progress=False)  # cached now: no training
     assert len(trained) == 1 and second.identity() == first.identity()
     assert codecs.load("codec-digits").identity() == first.identity()

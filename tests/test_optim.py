@@ -60,7 +60,7 @@ def test_bad_lr_schedule_settings_are_clear_errors(bad, says):
 
 def test_the_trainer_logs_the_scheduled_lr(tmp_path):
     from patchflow.config import load_config
-    from patchflow.train.trainer import train
+    from patchflow.train.run import train
 
     cfg = load_config("digits", ['model.preset="DiT-Micro/4"', "train.batch_size=4", "train.steps=6", "train.lr=0.01",
                                  "train.warmup_steps=2", 'train.lr_schedule="linear"', "train.lr_final=0.1",

@@ -25,7 +25,8 @@ from patchflow.config import ConfigError, load_config
 from patchflow.flow.objective import RectifiedFlowObjective
 from patchflow.run_dir import (CheckpointError, checkpoints_to_keep, latest_checkpoint, list_checkpoints,
                                         load_state, load_weights)
-from patchflow.train.trainer import PREEMPTED_EXIT_CODE, Trainer, train
+from patchflow.train.run import train
+from patchflow.train.trainer import PREEMPTED_EXIT_CODE, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.preset=\"DiT-Micro/4\"", "train.batch_size=16", "train.lr=1e-3", "train.log_every=1",

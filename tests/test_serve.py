@@ -25,7 +25,7 @@ from patchflow.cli import main  # noqa: E402
 from patchflow.config import load_config  # noqa: E402
 from patchflow.data.moving_digits import MovingDigitsDataset  # noqa: E402
 from patchflow.serve import RequestError, Studio, build_app  # noqa: E402
-from patchflow.train.trainer import train  # noqa: E402
+from patchflow.train.run import train  # noqa: E402
 
 from browser import chromium_page  # noqa: E402
 

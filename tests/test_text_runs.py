@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from patchflow.config import ConfigError, load_config
 from patchflow.pipeline import Pipeline
-from patchflow.train.trainer import train
+from patchflow.train.run import train
 
 from run_helpers import cli, kill_9_then_resume, read_log
 

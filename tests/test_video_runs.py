@@ -14,7 +14,7 @@ from patchflow.clip_files import read_clip, write_clip
 from patchflow.config import ConfigError, load_config
 from patchflow.data.moving_digits import MovingDigitsDataset
 from patchflow.pipeline import Pipeline
-from patchflow.train.trainer import train
+from patchflow.train.run import train
 
 from run_helpers import cli, kill_9_then_resume, read_log
 

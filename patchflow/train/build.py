@@ -1,11 +1,16 @@
-"""What the trainer builds for a run, by its kind: the trainable module and the objective. The one place in
-training that tells a codec run from a diffusion run."""
+"""What the trainer builds for a run, by its kind: the trainable module, the objective, and the weights it starts
+from (train.init_from). The one place in training that tells a codec run from a diffusion run, and a video model's
+start from an image MMDiT."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch.nn as nn
 
+from patchflow.checks import ConfigError
 from patchflow.flow.objective import build_objective
 from patchflow.models import build_model
+from patchflow.run_dir import latest_checkpoint, load_into, load_weights
 
 
 def build_trainable(cfg) -> nn.Module:
@@ -24,3 +29,29 @@ def objective_for_run(cfg):
 
         return AutoencoderObjective(cfg.model)
     return build_objective(cfg.flow, cfg.model.learn_sigma, getattr(cfg.model, "temporal_patch", 1))
+
+
+def load_init_weights(cfg, net: nn.Module, source: str) -> Path:
+    """train.init_from into `net`: a run directory's EMA weights (its latest checkpoint's when the run is
+    unfinished) or a .safetensors file, strict; an image MMDiT into a video model through
+    models.video.load_image_weights. Returns the file read."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        ckpt = path / "ema.safetensors"
+        if not ckpt.is_file():
+            latest = latest_checkpoint(path)
+            if latest is None:
+                raise FileNotFoundError(f"train.init_from = {source!r}: no ema.safetensors and no checkpoint in it")
+            ckpt = latest / "ema.safetensors"
+        path = ckpt
+    weights = load_weights(path)
+    try:
+        if cfg.kind.video:  # a video run's weights, or an image MMDiT's (temporal blocks left)
+            from patchflow.models.video import load_image_weights
+
+            load_image_weights(net, weights)
+        else:
+            load_into(net, weights, source=str(path))
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"train.init_from = {source!r}: {e}") from None
+    return path

@@ -1,8 +1,8 @@
-"""The codec side of training: exporting a trained codec with its latent statistics, training a shipped codec
-preset the first time a latent run needs it, and giving each run its own copy of its codec."""
+"""The codec side of training: exporting a trained codec with its latent statistics, giving each run its own copy
+of its codec, and a video codec run's start from an image codec. Training a shipped codec preset the first time a
+run needs it is patchflow.train.run's (ensure_codec), handed in here as `get_codec`."""
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -70,42 +70,25 @@ def export_codec(run_dir: str | Path, cfg: RunConfig | None = None) -> Path:
     return codecs.save(codec, run_dir / "codec", extra=info)
 
 
-def ensure_codec(spec: str, progress: bool = True) -> Codec:
-    """codecs.load(spec), first training a shipped codec preset into the cache when it is not there yet (a run
-    killed half way is resumed)."""
-    from patchflow.codecs.presets import cached_codec_dir, is_codec_preset
-
-    if is_codec_preset(spec):
-        d = cached_codec_dir(spec)
-        if not (d / "codec" / "codec.json").is_file():
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                raise CodecError(f"codec preset {spec!r} is not trained on this machine yet; train it once before "
-                                 f"starting several processes: `patchflow train {spec}`")
-            from patchflow.train.trainer import train
-
-            if progress:
-                print(f"codec {spec!r} is not in the cache yet: training it first into {d}", flush=True)
-            train(load_config(spec), d, resume=(d / "config.toml").is_file(), progress=progress)
-    return codecs.load(spec)
-
-
-def inflation(cfg: RunConfig, progress: bool = True):
+def inflation(cfg: RunConfig, get_codec=codecs.load):
     """For a video codec run with model.init_from: a function that starts its AutoencoderModel from that image codec
-    (trained first when it is a preset not cached yet); None otherwise."""
-    if not cfg.is_codec_run or not cfg.model.init_from:
+    (`get_codec(spec)`: patchflow.train.run hands in ensure_codec, which trains a preset not cached yet); None
+    otherwise."""
+    if not cfg.kind.codec or not cfg.model.init_from:
         return None
-    image = ensure_codec(cfg.model.init_from, progress=progress).cpu()
+    image = get_codec(cfg.model.init_from).cpu()
     return lambda net: net.codec.inflate_from(image)
 
 
-def codec_for_run(cfg: RunConfig, out: Path, resume: bool, main: bool = True, progress: bool = True) -> Codec:
-    """The codec a diffusion run trains in. A run keeps its own copy in `<run>/codec/` (patchflow codecs), so
-    resuming and sampling never depend on the cache; a diffusers codec is read from codec.source."""
+def codec_for_run(cfg: RunConfig, out: Path, resume: bool, get_codec=codecs.load, main: bool = True) -> Codec:
+    """The codec a diffusion run trains in (on the CPU). A run keeps its own copy in `<run>/codec/` (patchflow
+    codecs, written by the main process), so resuming and sampling never depend on the cache; a diffusers codec is
+    read from codec.source. `get_codec(spec)` loads codec.source (patchflow.train.run: ensure_codec)."""
     own = out / "codec"
     if resume and (own / "codec.json").is_file():
         codec = codecs.load(own)
     else:
-        codec = ensure_codec(cfg.codec.source, progress=progress)
+        codec = get_codec(cfg.codec.source)
         if main and codec.kind == "kl":
             if own.exists():
                 shutil.rmtree(own)

@@ -15,7 +15,7 @@ def _demo_train(preset: str, default_out: str, out_arg, overrides, resume: bool,
     """Train a demo preset into --out; returns (config, run directory, its Pipeline, start time)."""
     from patchflow.config import load_config
     from patchflow.pipeline import Pipeline
-    from patchflow.train.trainer import train
+    from patchflow.train.run import train
 
     out = Path(out_arg or default_out)
     cfg = load_config(preset, list(overrides))
@@ -101,7 +101,7 @@ def _demo_moving_digits(out_arg, overrides, resume: bool, progress: bool) -> Non
     from patchflow.config import load_config
     from patchflow.media.grids import save_grid
     from patchflow.pipeline import Pipeline
-    from patchflow.train.trainer import train
+    from patchflow.train.run import train
 
     out = Path(out_arg or "runs/demo-moving-digits")
     image_run = out / "image"

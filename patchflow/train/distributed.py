@@ -129,6 +129,15 @@ def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def from_main(obj, d: Dist):
+    """The main process's `obj` (picklable) on every process, so all of them take its decision."""
+    if d.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def first_error(error: Exception | None, d: Dist) -> Exception | None:
     """A barrier that also spreads failures: this process's error, else the first other process's (an OSError
     keeps its errno, text and path, so every process reports the same message), else None."""
