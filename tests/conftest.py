@@ -1,7 +1,51 @@
 import os
+import shutil
 import sys
 import tempfile
+import time
+from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# one digit-classifier cache for the whole session, never the user's ~/.cache
+# one cache for the whole session (the digit classifier, codec presets, latents, text embeddings), never the user's
+# ~/.cache
 os.environ.setdefault("PATCHFLOW_CACHE", tempfile.mkdtemp(prefix="patchflow-test-cache-"))
+SESSION_CACHE = Path(os.environ["PATCHFLOW_CACHE"])
+
+
+@pytest.fixture(scope="session")
+def session_cache() -> Path:
+    """The session's $PATCHFLOW_CACHE. Modules that pin the cache for their runs pin it here, so that what is
+    trained into it once (the digit classifier above all) is found by every test of the session."""
+    return SESSION_CACHE
+
+
+@pytest.fixture(scope="session")
+def digit_classifier_training(tmp_path_factory):
+    """The session's one training of the digit classifier: (classifier, seconds the first get_classifier took =
+    training + caching, the folder it cached into, which holds nothing else).
+
+    Its file is then copied into the session's cache, so that every other get_classifier() of the session, with
+    the default cache, loads it instead of training again (each training is under a minute on 2 free cores, minutes
+    on a busy machine). Tests that score digits through the CLI ask for this fixture, so that it runs first.
+    """
+    from patchflow.evaluate.digits import CACHE_FILENAME, get_classifier
+
+    folder = tmp_path_factory.mktemp("digit-classifier")
+    assert not (folder / CACHE_FILENAME).exists()
+    t0 = time.perf_counter()
+    classifier = get_classifier(folder, verbose=False)
+    seconds = time.perf_counter() - t0
+    shared = SESSION_CACHE / CACHE_FILENAME
+    if not shared.exists():
+        SESSION_CACHE.mkdir(parents=True, exist_ok=True)
+        part = shared.with_name(f".{CACHE_FILENAME}.{os.getpid()}.conftest")
+        shutil.copyfile(folder / CACHE_FILENAME, part)
+        os.replace(part, shared)
+    return classifier, seconds, folder
+
+
+@pytest.fixture(scope="session")
+def digit_classifier(digit_classifier_training):
+    return digit_classifier_training[0]

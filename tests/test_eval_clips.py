@@ -3,12 +3,13 @@ held-out clips, reads a clip reversed in time as moving the other way, a still c
 digit swapped in one frame and wrong colours, stays low on noise, counts unparsed prompts, reads .npz files with
 clear errors, and scores the first frame of image-to-video clips.
 
-The digit classifier is trained once per session into the session's cache (conftest: $PATCHFLOW_CACHE), ~15 s
-on one CPU thread; everything else takes a few seconds.
+The digit classifier is trained once per session (conftest: digit_classifier_training; under a minute on 2
+free cores, minutes on a busy machine); everything else takes a few seconds.
 """
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -25,8 +26,8 @@ OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 
 @pytest.fixture(scope="session")
-def classifier():
-    return get_classifier(verbose=False)
+def classifier(digit_classifier):
+    return get_classifier(verbose=False)  # loaded from the session's cache, where conftest's one training put it
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +58,13 @@ def good_clip(reference, attrs, no_bounce=False) -> int:
 def test_real_clips_agree_with_their_captions(reference, real):
     # measured on these 100 clips: digit_frames 98.0%, same_digit, colors and direction 100%, all 98.0%; on 300
     # and on all 500 validation clips within 0.4% of that. The misses are the classifier's (a clip's digit is
-    # one glyph, so it is read the same wrong way in every frame)
+    # one glyph, so it is read the same wrong way in every frame), and which glyphs it misses depends on the
+    # machine's floating point (96.0% on a 2-core Xeon): a floor with room for that, as for color-digits' digits
     assert reference.n == 100 and reference.unparsed == 0
     assert reference.counts == {"clips": 100, "frames": 900, "tracked": 100, "smoothness": 100}
     assert reference.rates["colors"] == reference.rates["direction"] == reference.rates["same_digit"] == 1.0
-    assert reference.rates["digit_frames"] >= 0.96 and reference.rates["all"] >= 0.96
+    assert reference.rates["digit_frames"] >= 0.93 and reference.rates["all"] >= 0.93
+    assert reference.rates["all"] <= reference.rates["digit_frames"]  # a clip is right in all only if every frame is
     # the world's motion is straight at a constant speed between bounces: both figures are 0 up to rounding
     assert reference.motion["smoothness"] < 1e-9 and reference.motion["jitter"] < 1e-9
     clips, _, attrs = real
@@ -218,7 +221,16 @@ def test_held_out_prompts_and_report(reference, classifier):
     assert table.startswith("| figure | over | generated | real |")
     for row in RATES + MOTION:
         assert f"| {row}" in table
-    assert "| digit_frames | 900 frames | 98.0% | 98.0% |" in table and "unparsed: 0 of 100 prompts" in table
+    # each rate row: the figure, over what it is counted, the rate in percent to one decimal, in both columns; the
+    # percentages are the classifier's readings (98.0% digit_frames on one machine, 96.0% on another), so they are
+    # checked against the report's own rates, not pinned
+    for attr in RATES:
+        over = "900 frames" if attr in ("digit_frames", "colors") else "100 clips"
+        row = next(line for line in table.splitlines() if line.startswith(f"| {attr} |"))
+        figure = re.fullmatch(rf"\| {attr} \| {over} \| (\d{{1,3}}\.\d)% \| (\d{{1,3}}\.\d)% \|", row)
+        assert figure, row
+        assert figure[1] == figure[2] == f"{100 * reference.rates[attr]:.1f}", row
+    assert "unparsed: 0 of 100 prompts" in table
     assert "real" not in format_report(reference).splitlines()[0]
 
 

@@ -21,21 +21,20 @@ from patchflow.evaluate.digits import (
 )
 
 # ------------------------------------------------------------------------------------------------
-# fixtures: the classifier is trained once per session, into a pytest tmp dir
+# fixtures: the classifier is trained once per session, into a pytest tmp dir (conftest: the session's one
+# training, which every other file's classifier loads)
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("patchflow_cache")
+def cache_dir(digit_classifier_training):
+    """The folder the session's classifier was trained and cached into (from empty); it holds only that file."""
+    return digit_classifier_training[2]
 
 
 @pytest.fixture(scope="session")
-def trained(cache_dir):
+def trained(digit_classifier_training):
     """(classifier, seconds the first get_classifier took = training + caching)."""
-    assert not (cache_dir / CACHE_FILENAME).exists()
-    t0 = time.perf_counter()
-    clf = get_classifier(cache_dir, verbose=True)
-    seconds = time.perf_counter() - t0
+    clf, seconds, _ = digit_classifier_training
     print(f"\ndigit classifier: trained in {seconds:.1f}s, val accuracy {clf.val_accuracy:.4f}")
     return clf, seconds
 
@@ -193,7 +192,10 @@ def test_training_time(trained):
 
 
 def test_training_is_deterministic_and_keeps_global_rng(monkeypatch):
+    # one epoch over 1,000 of the 4,500 training digits (15 full batches and a partial one): the whole training
+    # code path, twice, each at about a fortieth of a full training's cost
     monkeypatch.setattr(ev, "_EPOCHS", 1)
+    monkeypatch.setattr(ev, "load_digits", lambda split: tuple(a[:1000] for a in load_digits(split)))
     state = torch.get_rng_state()
     a = ev._train_classifier(verbose=False)
     b = ev._train_classifier(verbose=False)

@@ -225,6 +225,7 @@ def test_kill_9_in_a_latent_run_then_resume_is_bitwise_exact(codec_run, tmp_path
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+@pytest.mark.usefixtures("digit_classifier")  # scores digits: the session's one classifier, not a training of its own
 def test_eval_of_a_codec_run_scores_its_reconstructions(codec_run, tmp_path, capsys):
     assert main(["eval", str(codec_run), "--per-class", "20", "--json", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out

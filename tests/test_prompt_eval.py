@@ -2,8 +2,8 @@
 truth on real held-out images, catches a wrong colour, a wrong digit and a wrong position, counts unparsed
 prompts, and reads .npz files with clear errors.
 
-The digit classifier is trained once per session into the session's cache (conftest: $PATCHFLOW_CACHE), ~15 s
-on one CPU thread; everything else takes a few seconds.
+The digit classifier is trained once per session (conftest: digit_classifier_training; under a minute on 2
+free cores, minutes on a busy machine); everything else takes a few seconds.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ FLOORS = {"background": 0.99, "color": 0.98, "position": 0.97, "digit": 0.93, "n
 
 
 @pytest.fixture(scope="session")
-def classifier():
-    return get_classifier(verbose=False)
+def classifier(digit_classifier):
+    return get_classifier(verbose=False)  # loaded from the session's cache, where conftest's one training put it
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +38,15 @@ def reference(classifier):
     return real_reference(400, seed=0, classifier=classifier)
 
 
-def centred_digit(val, colour_ok=lambda a: True) -> int:
-    """The first validation item that is a centred single digit (and whose colours pass `colour_ok`)."""
+def centred_digit(val, classifier, colour_ok=lambda a: True) -> int:
+    """The first validation item that is a centred single digit whose colours pass `colour_ok` and that the
+    classifier reads right. Which glyphs it misreads depends on the machine's floating point (the first centred
+    digit, a 5, is read with a margin of only ~0.4 on one machine), and its misses are not what these tests are
+    about."""
     return next(i for i in range(len(val)) if val.attributes(i)["kind"] == "digit"
-                and val.attributes(i)["position"] == "centre" and colour_ok(val.attributes(i)))
+                and val.attributes(i)["position"] == "centre" and colour_ok(val.attributes(i))
+                and read_images(val.render(i)[0][None], [1], classifier=classifier)[0].digits
+                == (val.attributes(i)["digit"],))
 
 
 # ---- agreement with the truth on real images --------------------------------------------------------------
@@ -88,7 +93,7 @@ def test_held_out_prompts_come_from_the_validation_split():
 
 # ---- what a wrong image scores -----------------------------------------------------------------------------
 def test_a_wrong_colour_is_seen_as_that_colour(val, classifier):
-    i = centred_digit(val, lambda a: a["background"] == "black" and a["color"] == "red")
+    i = centred_digit(val, classifier, lambda a: a["background"] == "black" and a["color"] == "red")
     a = val.attributes(i)
     _, alpha = val.render(i)
     blue = compose(alpha, "blue", "black")  # the right digit, drawn blue instead of red
@@ -104,7 +109,7 @@ def test_a_wrong_colour_is_seen_as_that_colour(val, classifier):
 
 
 def test_a_shifted_digit_is_seen_at_its_shift(val, classifier):
-    i = centred_digit(val)
+    i = centred_digit(val, classifier)
     a = val.attributes(i)
     rgb, alpha = val.render(i)
     x0, y0, x1, y1 = a["bbox"]
@@ -132,7 +137,7 @@ def test_a_shifted_digit_is_seen_at_its_shift(val, classifier):
 
 
 def test_a_wrong_digit_and_a_blank_image(val, classifier):
-    i = centred_digit(val)
+    i = centred_digit(val, classifier)
     a = val.attributes(i)
     other = (a["digit"] + 1) % 10
     prompt = val.caption(i).replace(f" {a['digit']} on ", f" {other} on ")

@@ -39,10 +39,10 @@ TEXT = ["model.input_size=32", "model.in_channels=3", "model.patch_size=8", "mod
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, session_cache):
     """name -> run directory: `digits` (class), `t2i` (text-to-image), `t2v` (text-to-video, 4 frames)."""
     base = tmp_path_factory.mktemp("served")
-    os.environ["PATCHFLOW_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
+    os.environ["PATCHFLOW_CACHE"] = str(session_cache)
     threads = torch.get_num_threads()
     sets = {
         "digits": ("digits", ["model.preset=\"DiT-Micro/4\""]),

@@ -49,16 +49,16 @@ def text_sets(captions, arch="mmdit", *extra):
 
 
 @pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("PATCHFLOW_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+def _cache(session_cache, monkeypatch):
+    monkeypatch.setenv("PATCHFLOW_CACHE", str(session_cache))
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
-def text_run(captions, tmp_path_factory):
-    os.environ["PATCHFLOW_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
+def text_run(captions, tmp_path_factory, session_cache):
+    os.environ["PATCHFLOW_CACHE"] = str(session_cache)
     out = tmp_path_factory.mktemp("t2i") / "run"
     train(load_config(None, text_sets(captions)), out, progress=False)
     return out

@@ -121,6 +121,7 @@ def test_existing_run_is_not_overwritten(run30, capsys):
     assert (run30 / "log.jsonl").read_text() == before
 
 
+@pytest.mark.usefixtures("digit_classifier")  # scores digits: the session's one classifier, not a training of its own
 def test_eval_reads_an_npz_of_real_digits(tmp_path, capsys):
     from patchflow.data.digits import load_digits
 
@@ -137,6 +138,7 @@ def test_eval_reads_an_npz_of_real_digits(tmp_path, capsys):
     assert "lacks ['labels']" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("digit_classifier")  # scores digits: the session's one classifier, not a training of its own
 def test_demo_writes_grid_and_scores(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--quiet"] + [a for s in TINY + ["train.steps=3", "sample.steps=2"]

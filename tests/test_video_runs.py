@@ -36,33 +36,33 @@ BUCKETED = ("data.buckets=[[1, 32, 32, 8], [2, 32, 32, 4, 2], [4, 32, 32, 4]]",)
 
 
 @pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("PATCHFLOW_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+def _cache(session_cache, monkeypatch):
+    monkeypatch.setenv("PATCHFLOW_CACHE", str(session_cache))
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
 
 
-def _train(tmp_path_factory, name, *sets):
-    os.environ["PATCHFLOW_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
+def _train(tmp_path_factory, cache, name, *sets):
+    os.environ["PATCHFLOW_CACHE"] = str(cache)
     out = tmp_path_factory.mktemp(name) / "run"
     train(load_config(None, video_sets(*sets)), out, progress=False)
     return out
 
 
 @pytest.fixture(scope="module")
-def video_run(tmp_path_factory):
-    return _train(tmp_path_factory, "t2v")
+def video_run(tmp_path_factory, session_cache):
+    return _train(tmp_path_factory, session_cache, "t2v")
 
 
 @pytest.fixture(scope="module")
-def packed_run(tmp_path_factory):
-    return _train(tmp_path_factory, "t2v-packed", *PACKED)
+def packed_run(tmp_path_factory, session_cache):
+    return _train(tmp_path_factory, session_cache, "t2v-packed", *PACKED)
 
 
 @pytest.fixture(scope="module")
-def bucketed_run(tmp_path_factory):
-    return _train(tmp_path_factory, "t2v-bucketed", *BUCKETED)
+def bucketed_run(tmp_path_factory, session_cache):
+    return _train(tmp_path_factory, session_cache, "t2v-bucketed", *BUCKETED)
 
 
 def still(tmp_path, size=32, mode="RGB") -> tuple[Path, np.ndarray]:
@@ -90,6 +90,7 @@ def test_packed_bucketed_run_mixes_durations_and_logs_clips_per_second(packed_ru
     assert all(r["images_per_s"] > 0 and r["steps_per_s"] > 0 and 0 < r["mfu"] < 1 for r in log)
 
 
+@pytest.mark.usefixtures("digit_classifier")  # scores digits: the session's one classifier, not a training of its own
 def test_cli_writes_gif_mp4_and_npz_clips(video_run, tmp_path, capsys):
     code, said = cli(["sample", str(video_run), "--prompt", PROMPT, "--n", "1", "--frames", "4", "--out",
                       str(tmp_path / "clip.gif"), "--quiet"], capsys)
@@ -110,6 +111,7 @@ def test_cli_writes_gif_mp4_and_npz_clips(video_run, tmp_path, capsys):
     assert code == 0 and "direction" in said and "3 clips" in said, said
 
 
+@pytest.mark.usefixtures("digit_classifier")  # scores digits: the session's one classifier, not a training of its own
 def test_eval_of_a_video_run_samples_with_the_asked_sampler_and_steps(video_run, capsys, monkeypatch):
     calls = []
     call = Pipeline.__call__
