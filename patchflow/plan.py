@@ -46,7 +46,8 @@ def _saved_bytes(model: nn.Module, cfg: RunConfig, batch: int) -> int:
         return t
 
     args, kwargs = example_inputs(cfg.model, batch, random=True)
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.precision == "bf16"
+    # "auto" is planned as bf16: what it picks on a GPU with bf16, the machines a memory plan is for
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.precision in ("bf16", "auto")
                 else contextlib.nullcontext())
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         model.train()(*args, **kwargs)

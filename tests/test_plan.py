@@ -110,3 +110,99 @@ def test_the_matmul_peak_is_measured_once_per_process():
     first = flops.matmul_peak(torch.float32, n=64, reps=1)
     assert first > 0 and flops.matmul_peak(torch.float32, n=64, reps=1) == first
     assert flops.matmul_peak.cache_info().hits == 1
+
+
+# ---- precision = "auto": bf16 autocast where it measured faster than fp32 on this device -------------------------
+def _measured(monkeypatch, bf16, fp32):
+    from patchflow import flops
+
+    monkeypatch.setattr(flops, "matmul_peak", lambda dtype, **kw: bf16 if dtype == torch.bfloat16 else fp32)
+
+
+@pytest.mark.parametrize("bf16, fp32, chosen", [(250e9, 100e9, "bf16"), (120e9, 100e9, "bf16"),
+                                                (110e9, 100e9, "fp32"), (1e9, 100e9, "fp32")])
+def test_auto_takes_bf16_on_a_cpu_only_where_it_measured_faster(monkeypatch, bf16, fp32, chosen):
+    from patchflow import flops
+
+    _measured(monkeypatch, bf16, fp32)
+    assert flops.choose_precision("cpu") == (chosen, {"bf16": bf16, "fp32": fp32})
+    assert flops.resolve_precision("auto", "cpu") == chosen
+    assert flops.resolve_precision("fp32", "cpu") == "fp32" and flops.resolve_precision("bf16", "cpu") == "bf16"
+    assert flops.choose_precision(torch.device("meta")) == ("fp32", {})  # neither a CPU nor a GPU: fp32
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_auto_on_a_gpu_takes_bf16_where_it_is_supported(monkeypatch, supported):
+    from patchflow import flops
+
+    _measured(monkeypatch, 0.0, 1.0)  # a GPU is not measured: the CPU's figures must not matter
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)
+    assert flops.choose_precision("cuda") == ("bf16" if supported else "fp32", {})
+
+
+AUTO_RUN = ['model.preset="DiT-Micro/4"', "train.batch_size=8", "train.sample_every=0", "train.log_every=1",
+            "train.checkpoint_every=1", "train.num_threads=1", 'train.precision="auto"']
+
+
+def _log(run):
+    import json
+
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_auto_precision_is_recorded_and_a_resume_keeps_it(monkeypatch, tmp_path):
+    import json
+
+    from patchflow.train import rundir
+    from patchflow.train.run import train
+    from patchflow.train.trainer import Trainer
+
+    run = tmp_path / "run"
+    _measured(monkeypatch, 250e9, 100e9)
+    train(load_config("digits", AUTO_RUN + ["train.steps=2"]), run, progress=False)
+    rates = {"bf16": 250e9, "fp32": 100e9}
+    log = _log(run)
+    assert log[0]["precision"] == "bf16" and log[0]["precision_rates"] == rates
+    assert "precision" not in log[1]  # on the first record each start writes
+    text = (run / "config.toml").read_text()
+    assert f'# precision_chosen = "bf16"\n# precision_rates = {json.dumps(rates)}\n' in text
+    assert load_config(run / "config.toml").train.precision == "auto"  # the config itself keeps "auto"
+    assert rundir.saved_precision(run) == ("bf16", rates)
+
+    _measured(monkeypatch, 1e9, 100e9)  # the machine now measures bf16 as slow: the run keeps its numerics
+    resumed = Trainer(load_config("digits", AUTO_RUN + ["train.steps=3"]), run, resume=True, progress=False)
+    assert resumed.precision == "bf16" and resumed.step == 2
+    resumed.fit()
+    assert _log(run)[-1]["step"] == 3 and _log(run)[-1]["precision"] == "bf16"
+    assert rundir.saved_precision(run) == ("bf16", rates)
+
+    fresh = Trainer(load_config("digits", AUTO_RUN + ["train.steps=3"]), tmp_path / "fresh", progress=False)
+    assert fresh.precision == "fp32" and fresh.chosen == ("fp32", {"bf16": 1e9, "fp32": 100e9})
+
+
+def test_an_explicit_precision_keeps_its_meaning_and_is_kept_by_an_auto_resume(monkeypatch, tmp_path):
+    from patchflow.train import rundir
+    from patchflow.train.run import train
+    from patchflow.train.trainer import Trainer
+
+    _measured(monkeypatch, 250e9, 100e9)
+    run = tmp_path / "run"
+    explicit = [s for s in AUTO_RUN if "precision" not in s] + ['train.precision="fp32"']
+    train(load_config("digits", explicit + ["train.steps=1"]), run, progress=False)
+    assert "precision" not in _log(run)[0] and "precision_chosen" not in (run / "config.toml").read_text()
+    assert rundir.saved_precision(run) == ("fp32", {})
+    resumed = Trainer(load_config("digits", AUTO_RUN + ["train.steps=2"]), run, resume=True, progress=False)
+    assert resumed.precision == "fp32"  # a run started in fp32 stays in fp32 under "auto"
+
+
+@pytest.mark.parametrize("bf16, fp32", [(250e9, 100e9), (1e9, 100e9)])
+def test_sampling_with_auto_runs_in_bf16_where_it_measured_faster(monkeypatch, bf16, fp32):
+    from patchflow.pipeline import generate
+
+    _measured(monkeypatch, bf16, fp32)
+    cfg = load_config("digits", ['model.preset="DiT-Micro/4"', 'sample.precision="auto"'])
+    model = DiT(cfg.model).eval()
+    seen = []
+    model.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    generate(model, cfg, [1, 2], steps=1, seed=0)
+    assert seen and all(s == (bf16 > fp32) for s in seen)
