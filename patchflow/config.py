@@ -58,7 +58,8 @@ class TrainConfig:
     max_bad_steps: int = 5                # stop after this many consecutive steps with a NaN/Inf loss or gradient
     sample_every: int = 500               # 0 disables sample grids during training
     device: str = "auto"                  # "auto", "cpu", "cuda", "cuda:1", ...
-    precision: str = "fp32"               # "fp32", "bf16" (autocast) or "fp16" (autocast + grad scaler, GPUs)
+    precision: str = "fp32"               # "auto" (bf16 where measured faster, else fp32; the presets), "fp32",
+                                          # "bf16" (autocast) or "fp16" (autocast + grad scaler, GPUs)
     num_threads: int = 0                  # torch intra-op threads on CPU; 0 keeps torch's default
     parallel: str = "ddp"                 # with several processes (torchrun): "ddp" or "fsdp" (FSDP2, sharded)
     activation_checkpointing: int = 0     # recompute blocks in backward: 0 none, 1 every block, k every k-th
@@ -107,7 +108,8 @@ class SampleConfig:
     sampler: str = "euler"                # flows: euler, heun; ddpm: ddpm (ancestral), ddim
     n: int = 16
     seed: int = 0
-    precision: str = "fp32"               # "fp32" or "bf16" (autocast; about 2.5x faster on CPUs with AVX-512 bf16)
+    precision: str = "fp32"               # "auto" (bf16 where measured faster, else fp32; the presets), "fp32" or
+                                          # "bf16" (autocast; about 2.5x faster on CPUs with AVX-512 bf16)
     keyframe: bool = False                # video text-to-video: draw frame 0 as an image first (a one-frame clip),
                                           # then animate it as image-to-video (Emu Video's factorisation)
 
