@@ -252,6 +252,7 @@ def test_cli_report_exit_codes(tmp_path, capsys):
     assert "is not a run directory" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("digit_classifier")  # scores digits: the session's one classifier, not a training of its own
 def test_report_of_a_real_tiny_demo_run_opens_in_chromium(tmp_path):
     from safetensors.numpy import load_file
 
