@@ -1,4 +1,4 @@
-"""`patchflow train | sample | eval | cache | convert | plan | demo | serve | report`."""
+"""`patchflow train | sample | eval | cache | encoder | convert | plan | demo | serve | report`."""
 from __future__ import annotations
 
 import argparse
@@ -74,6 +74,8 @@ def cmd_cache(args) -> None:
     if cfg.kind.codec:
         raise ConfigError(f"{args.config} trains a codec on pixels; `patchflow cache` takes the config of a run "
                           f"that trains on a codec's latents (codec.source set)")
+    if args.features:
+        return cache_features(cfg, args)
     if cfg.codec.source == "identity":
         raise ConfigError(f"{args.config} has codec.source = \"identity\": it trains on pixels, which need no "
                           f"cache; set codec.source to a codec (e.g. --set codec.source=\"codec-digits\")")
@@ -101,6 +103,52 @@ def cmd_cache(args) -> None:
           f"{time.perf_counter() - t0:.1f}s")
     if setting == "off":
         print("note: this config has codec.cache = \"off\"; set codec.cache = \"auto\" or the folder to use it")
+
+
+def cache_features(cfg, args) -> None:
+    """`patchflow cache CONFIG --features [DIR]`: REPA's encoder features of the data, for repa.cache."""
+    from patchflow.config import ConfigError
+    from patchflow.data.feature_cache import feature_dataset
+    from patchflow.train.inputs import feature_grid
+    from patchflow.train.run import ensure_codec
+    from patchflow.vision import load_vision_encoder
+
+    if not cfg.repa.enabled:
+        raise ConfigError(f"{args.config} has no repa.encoder: set one (e.g. --set repa.encoder=\"world\") to cache "
+                          f"its features")
+    codec = None if cfg.codec.source == "identity" else ensure_codec(cfg.codec.source, progress=not args.quiet)
+    encoder = load_vision_encoder(cfg.repa.encoder, cfg.data, progress=not args.quiet)
+    t0 = time.perf_counter()
+    per_token, latent_frames = feature_grid(cfg, codec)
+    into = None if args.features == "auto" else Path(args.features).expanduser()
+    if into is not None and args.force and (into / "cache.json").is_file():
+        (into / "cache.json").unlink()  # built again below
+    features = feature_dataset(cfg, encoder, per_token, latent_frames, progress=not args.quiet, into=into)
+    print(f"features of {len(features)} {cfg.data.dataset} items ({encoder.name}, {per_token} px per token) in "
+          f"{features.directory}, {time.perf_counter() - t0:.1f}s; a run reads them with repa.cache = "
+          f"\"{features.directory}\" (or \"auto\")")
+
+
+def cmd_encoder(args) -> None:
+    """`patchflow encoder CONFIG --out DIR`: a world encoder (REPA's teacher) trained on the config's data."""
+    from dataclasses import replace
+
+    from patchflow.config import load_config
+    from patchflow.vision import WorldRecipe, load_vision_encoder, train_world_encoder
+
+    cfg = load_config(args.config, args.set)
+    recipe = WorldRecipe()
+    for key in ("steps", "batch_size"):
+        value = getattr(args, key)
+        if value is not None:
+            if value < 1:
+                raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+            recipe = replace(recipe, **{key: value})
+    t0 = time.perf_counter()
+    out = train_world_encoder(cfg.data, args.out, recipe, progress=not args.quiet)
+    encoder = load_vision_encoder(str(out), cfg.data)
+    print(f"world encoder of {cfg.data.dataset} ({encoder.dim}-d features) written to {out} in "
+          f"{time.perf_counter() - t0:.1f}s; use it with repa.encoder = \"{out}\"")
 
 
 def cmd_plan(args) -> None:
@@ -194,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text runs: held-out canonical prompts to sample (paraphrases and numbers scale with it)")
     p.add_argument("--frames", type=int, help="video runs: frames per scored clip (default 8)")
     p.add_argument("--curve", action="store_true",
-                   help="text runs: score every kept checkpoint (the learning curve) on --prompts prompts")
+                   help="score every kept checkpoint (the learning curve): text and video runs on --prompts "
+                        "prompts, digits runs on --per-class samples per class")
     p.add_argument("--json", help="also write the figures to this JSON file")
     _add_sampling_flags(p)
     p.set_defaults(fn=cmd_eval)
@@ -218,8 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", help="cache folder (default: codec.cache when it is a folder, else $PATCHFLOW_CACHE/latents/...)")
     p.add_argument("--force", action="store_true", help="rebuild even when the cache is up to date")
+    p.add_argument("--features", nargs="?", const="auto", metavar="DIR",
+                   help="instead: REPA's encoder features (repa.encoder) of the data, into $PATCHFLOW_CACHE or DIR")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_cache)
+
+    p = sub.add_parser("encoder", help="train a world encoder (REPA's frozen teacher) on a config's data")
+    p.add_argument("config", help="a TOML file or a shipped preset name: its [data] section is trained on")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", required=True, help="directory to write (encoder.json, encoder.safetensors)")
+    p.add_argument("--steps", type=int, help="training steps (default 200)")
+    p.add_argument("--batch-size", type=int, help="images per step (default 128)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_encoder)
 
     p = sub.add_parser("plan", help="parameters, FLOPs, memory per batch size, largest batch that fits")
     p.add_argument("config", help="a TOML file or a shipped preset name")

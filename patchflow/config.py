@@ -25,10 +25,11 @@ from patchflow.flow.config import FlowConfig, samplers_for
 from patchflow.kinds import ARCHS, RunKind, run_kind
 from patchflow.models.dit import DiTConfig
 from patchflow.models.text_config import MMDiTConfig, VideoDiTConfig
+from patchflow.repa.config import RepaConfig
 from patchflow.text.config import TextConfig
 
 __all__ = ["ARCHS", "CodecConfig", "ConfigError", "DataConfig", "FlowConfig", "MAX_SAMPLES", "PRESET_DIR",
-           "RunConfig", "RunKind", "SampleConfig", "SECTIONS", "TextConfig", "TrainConfig", "WORLDS", "from_dict",
+           "RepaConfig", "RunConfig", "RunKind", "SampleConfig", "SECTIONS", "TextConfig", "TrainConfig", "WORLDS", "from_dict",
            "load_config", "model_config_class", "parse_override", "resolve_preset", "run_kind"]
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -139,6 +140,7 @@ class RunConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
 
     @property
     def kind(self) -> RunKind:
@@ -165,8 +167,13 @@ class RunConfig:
         self.train.validate()
         self.codec.validate()
         self.text.validate()
+        self.repa.validate()
         if self.kind.codec:
+            if self.repa.enabled:
+                raise ConfigError("repa.encoder aligns a diffusion model's hidden states; a codec run (model.arch = "
+                                  "\"autoencoder\") has none: leave repa.encoder = \"\"")
             return self._validate_codec_run()
+        self._validate_repa()
         self.sample.validate(self.flow.objective)
         if self.flow.objective == "rectified" and self.model.learn_sigma:
             raise ConfigError("model.learn_sigma = true needs flow.objective = \"ddpm\" (a flow predicts no variance)")
@@ -204,6 +211,20 @@ class RunConfig:
                 if getattr(m, mkey) != want:
                     raise ConfigError(f"model.{mkey} = {getattr(m, mkey)} does not match the data: {what}")
         return self
+
+    def _validate_repa(self) -> None:
+        r = self.repa
+        if not r.enabled:
+            return
+        if r.depth > self.model.depth:
+            raise ConfigError(f"repa.depth = {r.depth} is beyond the model's {self.model.depth} blocks (model.depth = "
+                              f"{self.model.depth}): choose 1..{self.model.depth}")
+        for key, value, why in (("train.pack_tokens", self.train.pack_tokens, "packed clips share one sequence"),
+                                ("data.mix_images", self.data.mix_images, "the mixed-in images have no features in "
+                                                                          "the clips' feature cache")):
+            if value:
+                raise ConfigError(f"repa.encoder with {key} = {value} is not supported ({why}): set {key} = 0 or "
+                                  f"repa.encoder = \"\"")
 
     def _validate_codec_run(self) -> "RunConfig":
         from patchflow.data import pixel_shape

@@ -55,10 +55,12 @@ def _remove_leftovers(root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _write_folder(folder: Path, model_sd: dict, ema_sd: dict, state: dict) -> None:
+def _write_folder(folder: Path, model_sd: dict, ema_sd: dict, state: dict, extra: dict | None = None) -> None:
     folder.mkdir(exist_ok=True)  # may already hold the processes' shards
     save_file(model_sd, str(folder / "model.safetensors"))
     save_file(ema_sd, str(folder / "ema.safetensors"))
+    for name, tensors in (extra or {}).items():  # training-only weights (REPA's projector): never top-level
+        save_file(tensors, str(folder / name))
     torch.save(state, folder / "state.pt")
     for f in sorted(folder.rglob("*")):
         if f.is_file():
@@ -82,7 +84,7 @@ def _together(fn, first_error) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, model_sd: dict | None, ema_sd: dict | None, state: dict | None,
                     keep: int = 0, keep_every: int = 0, shards=None, main: bool = True,
-                    first_error=lambda error: error) -> Path:
+                    first_error=lambda error: error, extra: dict | None = None) -> Path:
     """Write checkpoints/step_N atomically, point `latest` at it, refresh the run's top-level weights, prune.
 
     model_sd / ema_sd are full CPU state dicts (needed on the main process only). With several processes every
@@ -91,7 +93,8 @@ def save_checkpoint(run_dir: Path, step: int, model_sd: dict | None, ema_sd: dic
     Between the phases `first_error(error or None)` (distributed.first_error) tells every process about a failure
     anywhere, so all of them raise it. An OSError (disk full, read-only) removes the partial temp folder and
     propagates; `latest` and every complete checkpoint are untouched. Any other crash leaves the temp folder for
-    the next save to remove.
+    the next save to remove. extra: {file name: state dict} of weights only training needs (REPA's projector),
+    written into the checkpoint folder alone, never beside the run's sampling weights.
     """
     run_dir = Path(run_dir)
     root = run_dir / "checkpoints"
@@ -105,7 +108,7 @@ def save_checkpoint(run_dir: Path, step: int, model_sd: dict | None, ema_sd: dic
 
     def publish():
         if main:
-            _remove_on_os_error(tmp, lambda: _write_folder(tmp, model_sd, ema_sd, state))
+            _remove_on_os_error(tmp, lambda: _write_folder(tmp, model_sd, ema_sd, state, extra))
             if final.exists():  # left by a run that crashed after this step; ours replaces it
                 _discard(final)
             os.rename(tmp, final)

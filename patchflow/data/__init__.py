@@ -162,7 +162,7 @@ def captions_of(dataset) -> list[str]:
     if isinstance(dataset, torch.utils.data.Subset):
         every = captions_of(dataset.dataset)
         return [every[i] for i in dataset.indices]
-    if hasattr(dataset, "frames") and hasattr(dataset, "dataset"):  # CutClips
+    if isinstance(getattr(dataset, "dataset", None), torch.utils.data.Dataset):  # CutClips, WithFeatures
         return captions_of(dataset.dataset)
     return [item_text(dataset, i) for i in range(len(dataset))]
 

@@ -141,16 +141,19 @@ def read_meta(directory: Path) -> dict:
     return meta
 
 
-def check_cache(directory: Path, data: DataConfig, codec_identity: dict) -> dict:
-    """The cache's metadata, or CacheError when it was made for another codec or other data (a stale cache)."""
+def check_cache(directory: Path, data: DataConfig, codec_identity: dict, command: str = "",
+                noun: str = "codec") -> dict:
+    """The cache's metadata, or CacheError when it was made for another codec or other data (a stale cache).
+    command: how to rebuild it, for the messages (a feature cache's is not a latent cache's); noun: what made it."""
     meta = read_meta(directory)
-    rebuild = f"rebuild it with `patchflow cache CONFIG --out {directory}` (or delete it)"
+    rebuild = f"rebuild it with `{command or f'patchflow cache CONFIG --out {directory}'}` (or delete it)"
     if meta.get("format_version") != FORMAT_VERSION:
         raise CacheError(f"latent cache {directory} has format version {meta.get('format_version')}, this "
                          f"patchflow writes {FORMAT_VERSION}: {rebuild}")
     if meta.get("codec") != codec_identity:
-        raise CacheError(f"latent cache {directory} is stale: it was made with codec {_describe(meta.get('codec', {}))}"
-                         f" but this run's codec is {_describe(codec_identity)}; {rebuild}")
+        raise CacheError(f"latent cache {directory} is stale: it was made with {noun} "
+                         f"{_describe(meta.get('codec', {}))} but this run's {noun} is {_describe(codec_identity)}; "
+                         f"{rebuild}")
     want = data_identity(data)
     if meta.get("data") != want:
         diff = sorted(k for k in want if k != "content" and meta.get("data", {}).get(k) != want[k])
@@ -165,8 +168,10 @@ def check_cache(directory: Path, data: DataConfig, codec_identity: dict) -> dict
 
 @torch.no_grad()
 def build_cache(directory: str | Path, data: DataConfig, codec, batch_size: int = 128, progress: bool = True,
-                split: str = "train") -> Path:
-    """Encode every item of the data set (posterior modes) into `directory`, replacing what is there."""
+                split: str = "train", dtype: torch.dtype = torch.float32, desc: str = "encoding latents") -> Path:
+    """Encode every item of the data set (posterior modes) into `directory`, replacing what is there; stored in
+    `dtype`. `codec` is anything with encode(x) and identity() and a buffer on its device (patchflow.data.
+    feature_cache passes a vision encoder's feature extractor)."""
     from patchflow.data import build_dataset
 
     directory = Path(directory)
@@ -179,7 +184,7 @@ def build_cache(directory: str | Path, data: DataConfig, codec, batch_size: int 
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(dataset), desc="encoding latents", unit="item", dynamic_ncols=True)
+        bar = tqdm(total=len(dataset), desc=desc, unit="item", dynamic_ncols=True)
     device = next(iter(codec.buffers())).device
     shards, shapes = [], set()
     try:
@@ -193,7 +198,7 @@ def build_cache(directory: str | Path, data: DataConfig, codec, batch_size: int 
                     by_size.setdefault(tuple(x.shape), []).append(k)
                 out = [None] * len(items)
                 for ks in by_size.values():
-                    z = codec.encode(torch.stack([items[k][0] for k in ks]).to(device)).float().cpu()
+                    z = codec.encode(torch.stack([items[k][0] for k in ks]).to(device)).to(dtype).cpu()
                     for k, zk in zip(ks, z):
                         out[k] = zk
                 latents += out
@@ -239,9 +244,9 @@ class LatentCacheDataset(torch.utils.data.Dataset):
     file's cache has no labels: its items are (latent, index), the caption coming from the file (WithCaptions).
     `latents` is one (n, c, t, h, w) tensor, or a list of per-item tensors when the sizes differ."""
 
-    def __init__(self, directory: str | Path, data: DataConfig, codec_identity: dict):
+    def __init__(self, directory: str | Path, data: DataConfig, codec_identity: dict, **check):
         self.directory = Path(directory)
-        meta = check_cache(self.directory, data, codec_identity)
+        meta = check_cache(self.directory, data, codec_identity, **check)  # check: command, noun
         parts = []
         for shard in meta["shards"]:
             path = self.directory / shard["file"]

@@ -17,7 +17,7 @@ class EvalOptions:
     per_class: int = 100           # class runs: samples per class (codec runs: 5x this many held-out items)
     prompts: int = 500             # text and video runs: held-out prompts
     frames: int | None = None      # video runs: frames per scored clip (default video_run.FRAMES)
-    curve: bool = False            # text and video runs: score every kept checkpoint
+    curve: bool = False            # score every kept checkpoint (the learning curve)
     seed: int = 0
     steps: int | None = None
     guidance: float | None = None
@@ -94,6 +94,8 @@ def _evaluate_class(src: Path, cfg, opts: EvalOptions) -> dict:
         raise ValueError(f"--per-class {opts.per_class} asks for {opts.per_class * n} samples ({n} classes); at most "
                          f"{MAX_SAMPLES}")
     labels = np.repeat(np.arange(n), opts.per_class)
+    if opts.curve:
+        return _class_curve(src, labels, opts)
     pipe = Pipeline.load(src, ema=opts.ema, device=opts.device)
     images = pipe(labels.tolist(), steps=opts.steps, guidance=opts.guidance, seed=opts.seed, sampler=opts.sampler,
                   progress=opts.progress)
@@ -197,3 +199,21 @@ def _evaluate_codec(src: Path, cfg, opts: EvalOptions) -> dict:
               f"backgrounds; named colour kept {r['stroke_color_kept']:.4f} (digit), "
               f"{r['background_color_kept']:.4f} (background)")
     return r
+
+
+def _class_curve(src: Path, labels, opts: EvalOptions) -> list:
+    """A digits run's learning curve: class accuracy and Frechet distance of every kept checkpoint's EMA weights."""
+    from patchflow.evaluate.digits import evaluate_samples
+    from patchflow.evaluate.text_run import checkpoint_curve
+
+    def rates(pipe) -> dict:
+        images = pipe(labels.tolist(), steps=opts.steps, guidance=opts.guidance, seed=opts.seed, sampler=opts.sampler,
+                      progress=False)
+        result = evaluate_samples(images, labels)
+        return {"accuracy": result["accuracy"], "fd": result["fd"]}
+
+    rows = checkpoint_curve(src, rates)
+    print(f"{'step':>6}{'minutes':>9}{'accuracy':>10}{'FD':>9}")
+    for r in rows:
+        print(f"{r['step']:>6}{r['minutes']:>9.1f}{100 * r['rates']['accuracy']:>9.1f}%{r['rates']['fd']:>9.1f}")
+    return rows

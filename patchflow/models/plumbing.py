@@ -1,5 +1,6 @@
-"""How the diffusion transformers run their blocks: activation checkpointing of every k-th block, and torch.compile
-of each block with the batch and token dims marked dynamic. DiT, MMDiT, CrossDiT and VideoDiT share it."""
+"""How the diffusion transformers run their blocks: activation checkpointing of every k-th block, torch.compile of
+each block with the batch and token dims marked dynamic, and the hidden states REPA aligns. DiT, MMDiT, CrossDiT and
+VideoDiT share it."""
 from __future__ import annotations
 
 import torch
@@ -11,11 +12,14 @@ class BlockRunner:
 
     checkpoint_every: 0 none, 1 every block, k every k-th block (blocks 0, k, 2k, ...); the trainer sets it.
     compiled: True after compile_blocks(); forward then marks its block inputs' batch and token dims dynamic.
+    align_after: REPA (patchflow.repa): after this block (1-based; 0 none) a training forward passes the image tokens
+        through the module `repa_projector` the trainer attached and keeps the result in `aligned` (B, N, D_enc).
     """
 
     block_lists: tuple[str, ...] = ("blocks",)
     checkpoint_every: int = 0
     compiled: bool = False
+    align_after: int = 0
 
     def compile_blocks(self, **kwargs) -> None:
         """torch.compile each block (kwargs go to `Module.compile`). forward marks the batch and token dims of the
@@ -41,5 +45,9 @@ class BlockRunner:
         and recomputes its activations in backward (same numbers, less memory)."""
         k = self.checkpoint_every
         if k > 0 and i % k == 0 and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+            out = checkpoint(block, *args, use_reentrant=False)
+        else:
+            out = block(*args)
+        if i + 1 == self.align_after and self.training and torch.is_grad_enabled():
+            self.aligned = self.repa_projector(out[0] if isinstance(out, tuple) else out)  # joint blocks: (image, text)
+        return out

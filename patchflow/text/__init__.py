@@ -14,13 +14,14 @@ from pathlib import Path
 
 from patchflow.text.base import FrozenTextEncoder, TextEmbedding, TextEncoderError, draw_dropout
 from patchflow.text.cache import TextCacheError, TextEmbeddingCache
+from patchflow.text.chars import CharacterEncoder
 from patchflow.text.hf import CLIPTextEncoder, T5TextEncoder, load_transformers_encoder
 from patchflow.text.joint import JointTextEncoder
 from patchflow.text.minilm import MiniLMEncoder
 
 DEFAULT_SPEC = "minilm"
 
-__all__ = ["CLIPTextEncoder", "FrozenTextEncoder", "JointTextEncoder", "MiniLMEncoder", "T5TextEncoder",
+__all__ = ["CharacterEncoder", "CLIPTextEncoder", "FrozenTextEncoder", "JointTextEncoder", "MiniLMEncoder", "T5TextEncoder",
            "TextCacheError", "TextEmbedding", "TextEmbeddingCache", "TextEncoderError", "draw_dropout",
            "load_text_encoder", "parse_spec"]
 
@@ -44,13 +45,16 @@ def parse_spec(spec) -> list[str]:
 def _load_one(spec: str, max_length: int | None, fit: bool, padding: str) -> FrozenTextEncoder:
     if spec == DEFAULT_SPEC:
         return MiniLMEncoder(max_length=max_length, fit_max_length=fit, padding=padding)
+    if spec == "chars":
+        return CharacterEncoder(max_length=max_length, fit_max_length=fit)
     directory = Path(spec).expanduser()
     if not directory.exists():
         if len(directory.parts) > 1 or spec.startswith((".", "~")):  # meant as a path
             raise TextEncoderError(f"text encoder directory {directory} does not exist; give a folder written by "
                                    f"save_pretrained (a CLIP / T5 / sentence-transformers model) or \"{DEFAULT_SPEC}\"")
-        raise TextEncoderError(f"unknown text encoder {spec!r}: it is not \"{DEFAULT_SPEC}\" and no such directory "
-                               f"exists; give \"{DEFAULT_SPEC}\" or a CLIP / T5 / sentence-transformers folder")
+        raise TextEncoderError(f"unknown text encoder {spec!r}: it is not \"{DEFAULT_SPEC}\" or \"chars\" and no such "
+                               f"directory exists; give \"{DEFAULT_SPEC}\", \"chars\" (joined after another: "
+                               f"\"minilm,chars\") or a CLIP / T5 / sentence-transformers folder")
     if (directory / "modules.json").is_file():  # a sentence-transformers folder (mean pooling)
         return MiniLMEncoder(directory, max_length=max_length, fit_max_length=fit, padding=padding)
     return load_transformers_encoder(directory, max_length=max_length, fit_max_length=fit, padding=padding)
@@ -59,6 +63,8 @@ def _load_one(spec: str, max_length: int | None, fit: bool, padding: str) -> Fro
 def load_text_encoder(spec="minilm", max_length: int | None = None, padding: str = "longest"):
     """A frozen text encoder from `spec`:
       "minilm"                 the installed all-MiniLM-L6-v2 (default max_length 32)
+      "chars"                  the prompt's glyph text, one token per character (patchflow.text.chars), joined
+                               after another encoder: "minilm,chars"
       a directory              a CLIP text model (max_length 77), a T5 encoder (256), or a sentence-transformers
                                mean-pooling folder; the kind is read from config.json / modules.json
       "a,b,c" or [a, b, c]     a JointTextEncoder of those, joined SD3's way (use the list for paths with commas)

@@ -10,6 +10,9 @@ import torch.nn as nn
 from patchflow.checks import ConfigError
 from patchflow.flow.objective import build_objective
 from patchflow.models import build_model
+from patchflow.repa.projector import Projector
+
+PROJECTOR = "repa_projector."  # its weights' prefix: training only, kept out of the EMA and the sampling weights
 from patchflow.run_dir import latest_checkpoint, load_into, load_weights
 
 
@@ -29,6 +32,18 @@ def objective_for_run(cfg):
 
         return AutoencoderObjective(cfg.model)
     return build_objective(cfg.flow, cfg.model.learn_sigma, getattr(cfg.model, "temporal_patch", 1))
+
+
+def attach_projector(cfg, net: nn.Module, feature_dim: int) -> None:
+    """REPA: the trainable projector from the model's width to the encoder's, and the block it reads after."""
+    net.repa_projector = Projector(cfg.model.hidden_size, feature_dim, cfg.repa.projector_dim)
+    net.align_after = cfg.repa.depth
+
+
+def split_projector(state: dict) -> tuple[dict, dict]:
+    """A training model's state dict -> (the model's own weights, the projector's)."""
+    own = {k: v for k, v in state.items() if not k.startswith(PROJECTOR)}
+    return own, {k: v for k, v in state.items() if k.startswith(PROJECTOR)}
 
 
 def load_init_weights(cfg, net: nn.Module, source: str) -> Path:

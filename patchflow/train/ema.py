@@ -15,13 +15,15 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 class EMA:
-    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True):
-        """model: the plain, DDP-unwrapped or FSDP-sharded module whose parameters are averaged."""
+    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True, skip: str = ""):
+        """model: the plain, DDP-unwrapped or FSDP-sharded module whose parameters are averaged; parameters whose
+        names start with `skip` (REPA's projector: training only) are not."""
         self.decay, self.warmup, self.updates = decay, warmup, 0
         if model.state_dict().keys() != dict(model.named_parameters()).keys():
             raise ValueError("EMA averages parameters only; this model has persistent buffers")
-        self.names = [name for name, _ in model.named_parameters()]
-        self.shadow = [p.detach().clone() for p in model.parameters()]
+        self.keep = [not (skip and name.startswith(skip)) for name, _ in model.named_parameters()]
+        self.names = [name for (name, _), k in zip(model.named_parameters(), self.keep) if k]
+        self.shadow = [p.detach().clone() for p, k in zip(model.parameters(), self.keep) if k]
 
     def current_decay(self) -> float:
         """With warmup, min(decay, (1 + n) / (10 + n)) so a short run's EMA is not stuck at init."""
@@ -31,7 +33,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        new = [p.detach() for p in model.parameters()]
+        new = [p.detach() for p, k in zip(model.parameters(), self.keep) if k]
         torch._foreach_lerp_(self.shadow, new, 1.0 - self.current_decay())
         self.updates += 1
 

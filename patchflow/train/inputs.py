@@ -175,3 +175,28 @@ def text_cache(cfg: RunConfig, encoder, dataset, dist, progress: bool = True):
         cache.precompute(captions_of(dataset), progress=progress)
     distributed.barrier(dist)
     return cache if dist.main else TextEmbeddingCache(directory, encoder)
+
+
+def feature_grid(cfg: RunConfig, codec) -> tuple[int, object]:
+    """(pixels per token side, pixel frames -> the model input's frames) of a run on pixels (codec None) or latents."""
+    channels, _, size = pixel_shape(cfg.data)
+    if codec is None:
+        return cfg.model.patch_size, (lambda t: t)
+    factor = size // codec.latent_shape((1, channels, 1, size, size))[-1]
+    return factor * cfg.model.patch_size, codec.latent_frames
+
+
+def with_features(cfg: RunConfig, dataset, encoder, codec, dist, device: torch.device, progress: bool = True):
+    """REPA: the data set's items with their encoder features (patchflow.data.feature_cache), computed once into
+    the cache by the main process on `device`, before the first step; the others wait and read it."""
+    from patchflow.data.feature_cache import WithFeatures, feature_dataset
+
+    per_token, latent_frames = feature_grid(cfg, codec)
+    encoder.to(device)
+    if dist.main:
+        features = feature_dataset(cfg, encoder, per_token, latent_frames, progress=progress, build=True)
+    distributed.barrier(dist)
+    if not dist.main:
+        features = feature_dataset(cfg, encoder, per_token, latent_frames, progress=False, build=False)
+    encoder.to("cpu")  # a step reads the cache, never the encoder
+    return WithFeatures(dataset, features)

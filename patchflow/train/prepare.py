@@ -34,6 +34,7 @@ class Setup:
     classes: list[str] = field(default_factory=list)  # a class run's folder names (label = position)
     text_encoder: object = None             # a text run's frozen encoder, on the device
     codec: codecs.Codec | None = None       # the run's codec (codec.source) on the CPU; None when it trains on pixels
+    vision: object = None                   # REPA's frozen vision encoder (repa.encoder), on the CPU
     inflate: Callable | None = None         # starts a video codec run's autoencoder from its image codec
 
 
@@ -56,6 +57,14 @@ def prepare(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress:
 
         setup.text_encoder = load_run_text_encoder(cfg, device)
     setup.classes = check_classes(cfg)  # before a codec is trained on data whose labels the model cannot take
+    if cfg.repa.enabled:  # the main process trains a missing world encoder; the others then read it
+        from patchflow.vision import load_vision_encoder
+
+        if dist.main:
+            setup.vision = load_vision_encoder(cfg.repa.encoder, cfg.data, progress=progress)
+        distributed.barrier(dist)
+        if not dist.main:
+            setup.vision = load_vision_encoder(cfg.repa.encoder, cfg.data, progress=False, train_missing=False)
     if cfg.codec.source != "identity":  # the main process writes the run's copy of its codec; the others read it
         if dist.main:
             setup.codec = codec_for_run(cfg, out, resume, get_codec, main=True)

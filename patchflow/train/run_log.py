@@ -115,7 +115,7 @@ class Meter:
         self.video = cfg.kind.video  # items of several shapes: images and clips of any length
         self._macs = {}  # forward MACs per item shape
         self.loss_bins = TimestepBins()  # this process's samples; summed over processes when logged
-        self.steps, self.losses = 0, []
+        self.steps, self.losses, self.alignments = 0, [], []
         self.restart()
 
     def restart(self) -> None:
@@ -146,6 +146,10 @@ class Meter:
         self.macs += sum(self.macs_of(tuple(x.shape)) for x in x0) if isinstance(x0, list) else \
             len(x0) * self.macs_of(tuple(x0.shape[1:]))
 
+    def aligned(self, value: float) -> None:
+        """REPA's alignment term of a step (its part of `loss`), averaged into the record's "repa"."""
+        self.alignments.append(value)
+
     def step(self, loss: float, finite: bool) -> None:
         self.steps += 1
         if finite:
@@ -164,9 +168,11 @@ class Meter:
                   "mfu": mfu_of_macs(self.macs * world / elapsed, self.peak_flops * world), "bad_steps": bad_steps}
         if self.timed:  # codec runs have no timestep
             record["loss_by_t"] = self.loss_bins.pop(lambda x: distributed.total(x, self.dist, self.device))
+        if self.alignments:  # REPA: the mean alignment term of the window (-1 at perfect alignment)
+            record["repa"] = sum(self.alignments) / len(self.alignments)
         if not finite:
             record["skipped"] = True
-        self.steps, self.losses = 0, []
+        self.steps, self.losses, self.alignments = 0, [], []
         self.restart()
         return record
 

@@ -39,7 +39,9 @@ from patchflow.conditioning import build_conditioning
 from patchflow.flops import matmul_peak, run_forward_macs, warn_if_bf16_is_slow
 from patchflow.run_dir import latest_checkpoint, load_into, load_state, load_weights, save_checkpoint
 from patchflow.train import distributed, inputs, rundir
-from patchflow.train.build import build_trainable, load_init_weights, objective_for_run
+from patchflow.repa.loss import repa_loss
+from patchflow.train.build import PROJECTOR, attach_projector, build_trainable, load_init_weights, objective_for_run
+from patchflow.train.build import split_projector
 from patchflow.train.ema import EMA
 from patchflow.train.errors import TrainingError
 from patchflow.train.optim import adamw, lr_factor
@@ -91,6 +93,10 @@ class Trainer:
         if self.codec is None:
             self.dataset = inputs.pixel_data(cfg)
         self.sizes, self.dataset = inputs.training_sizes(cfg, self.dataset, self.codec, self.encode, self.dist.world)
+        self.aligned = setup.vision is not None  # REPA: items carry their encoder features
+        if self.aligned:
+            self.dataset = inputs.with_features(cfg, self.dataset, setup.vision, self.codec, self.dist, self.device,
+                                                progress)
         self.net = build_trainable(cfg)
         if t.init_from.strip() and not (resume and latest_checkpoint(self.out) is not None):
             path = load_init_weights(cfg, self.net, t.init_from.strip())
@@ -98,6 +104,8 @@ class Trainer:
                 print(f"initialised from {path}")
         if setup.inflate is not None:  # a video codec starting from an image codec (also on resume: step 0 must match)
             setup.inflate(self.net)
+        if self.aligned:
+            attach_projector(cfg, self.net, setup.vision.dim)
         self.net = self.net.to(self.device)  # the model itself; self.model may be its DDP/FSDP wrapper
         self.net.checkpoint_every = t.activation_checkpointing
         if t.compile:
@@ -112,7 +120,7 @@ class Trainer:
         # FSDP gathers bf16 weights under bf16 autocast: half the all-gather and unsharded weight memory
         self.model = distributed.wrap(self.net, t.parallel, self.dist,
                                       param_dtype=torch.bfloat16 if self.precision == "bf16" else None)
-        self.ema = EMA(self.net, t.ema_decay, t.ema_warmup)
+        self.ema = EMA(self.net, t.ema_decay, t.ema_warmup, skip=PROJECTOR)
         self.objective = objective_for_run(cfg)
         text = inputs.text_cache(cfg, setup.text_encoder, self.dataset, self.dist, progress)
         self.conditioning = build_conditioning(cfg, self.device, text_encoder=text)
@@ -169,7 +177,10 @@ class Trainer:
                               f"\"ddp\" (any number of processes), then FSDP runs can continue from its next "
                               f"checkpoint")
         else:
-            load_into(self.net, load_weights(ckpt / "model.safetensors"), source=str(ckpt / "model.safetensors"))
+            weights = load_weights(ckpt / "model.safetensors")
+            if self.aligned:
+                weights.update(load_weights(ckpt / "repa.safetensors"))
+            load_into(self.net, weights, source=str(ckpt / "model.safetensors"))
             self.opt.load_state_dict(state["optimizer"])
         self.ema.load_state_dict(load_weights(ckpt / "ema.safetensors"))
         self.step = int(state["step"])
@@ -188,12 +199,16 @@ class Trainer:
     def save(self) -> Path:
         t = self.cfg.train
         model_sd = distributed.full_model_state(self.model, self.sharded)  # collectives: every process
+        extra = None
+        if self.aligned and model_sd is not None:  # the projector stays in the checkpoint, out of the sampling weights
+            model_sd, projector = split_projector(model_sd)
+            extra = {"repa.safetensors": projector}
         ema_sd = self.ema.state_dict(keep=self.main)  # only the writing process holds the full EMA
         shards = (lambda folder: distributed.save_sharded(folder, self.model, self.opt)) if self.sharded else None
         with self._stop_on_os_error(f"checkpoint step {self.step} in {self.out / 'checkpoints'}"):
             return save_checkpoint(self.out, self.step, model_sd, ema_sd, self._state(), keep=t.keep_checkpoints,
                                    keep_every=t.keep_every, shards=shards, main=self.main,
-                                   first_error=lambda error: distributed.first_error(error, self.dist))
+                                   first_error=lambda error: distributed.first_error(error, self.dist), extra=extra)
 
     # ---- failures ----------------------------------------------------------------------------
     def _stop_on_os_error(self, what: str):
@@ -239,9 +254,9 @@ class Trainer:
         dtype = DTYPES[self.precision]
         autocast = torch.autocast(self.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
         self.model.train()
-        total = 0.0
+        total = align_total = 0.0
         for i in range(t.grad_accum):
-            x0, y = next(batches)  # y: labels or captions; the conditioning step moves them
+            x0, y, *features = next(batches)  # y: labels or captions; the conditioning step moves them
             if isinstance(x0, list):  # a pack of differently sized clips
                 x0 = [x.to(self.device, non_blocking=True) for x in x0]
                 if self.encode:
@@ -262,13 +277,19 @@ class Trainer:
             with distributed.grad_sync(self.model, sync=i == t.grad_accum - 1):
                 with autocast:
                     losses = self.objective.loss(model_fn, x0, self.generator, shard=self.dist.shard)
-                    loss = losses.mean()
+                    loss = diffusion = losses.mean()  # the logged "loss"; REPA's term is logged as "repa"
+                    if features:  # REPA: the hidden states the forward kept, against the clean item's features
+                        align = self._alignment(x0, features[0]).mean()
+                        loss = loss + self.cfg.repa.weight * align
+                        align_total += align.item() / t.grad_accum
                 scaled = loss / t.grad_accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             if times and times[0] is not None and times[0].shape == losses.shape and bool(losses.isfinite().all()):
                 self.meter.loss_bins.add(times[0], losses)
-            total += loss.item() / t.grad_accum
+            total += diffusion.item() / t.grad_accum
         total = distributed.mean(total, self.dist, self.device)  # each process holds the mean of an equal share
+        if self.aligned:
+            self.meter.aligned(distributed.mean(align_total, self.dist, self.device))
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
         if self.scaler:
             self.scaler.unscale_(self.opt)
@@ -290,6 +311,15 @@ class Trainer:
         self.step += 1
         return total, grad_norm, finite
 
+    def _alignment(self, x0: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """(B,) REPA's term for this micro-batch: x0 (B, C, [T,] H, W) the model's clean input, features (B, T, H',
+        W', D) from the cache."""
+        r, m = self.cfg.repa, self.cfg.model
+        frames = x0.shape[2] if x0.ndim == 5 else 1
+        grid = (frames // getattr(m, "temporal_patch", 1), x0.shape[-2] // m.patch_size, x0.shape[-1] // m.patch_size)
+        projected, self.net.aligned = self.net.aligned, None  # the graph is freed with the step
+        return repa_loss(projected, features.to(self.device, non_blocking=True), grid, r.cross_frame,
+                         r.cross_frame_window)
 
     def fit(self) -> Path:
         """Train to train.steps from the current step: logs, checkpoints, previews; SIGTERM stops it at a step
