@@ -153,3 +153,17 @@ def test_world_encoder_learns_the_digits_and_is_reproducible(tmp_path, digits):
     assert learned > 0.85 and pixels > 0.85, (learned, pixels)  # 10 classes: chance is 0.1
     meta = json.loads((tmp_path / "a" / "encoder.json").read_text())
     assert meta["final_loss"] < meta["first_loss"] - 0.15 and meta["recipe"]["steps"] == 40
+
+
+def test_patchflow_encoder_writes_a_directory_a_run_can_name(tmp_path, capsys):
+    from patchflow.cli import main
+
+    assert main(["encoder", "digits", "--out", str(tmp_path / "enc"), "--steps", "2", "--batch-size", "8",
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f'repa.encoder = "{tmp_path / "enc"}"' in out
+    meta = (tmp_path / "enc" / "encoder.json").read_text()
+    assert '"steps": 2' in meta and '"batch_size": 8' in meta
+    assert load_vision_encoder(str(tmp_path / "enc"), load_config("digits").data).dim == 128
+    assert main(["encoder", "digits", "--out", str(tmp_path / "bad"), "--steps", "0"]) == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err and not (tmp_path / "bad").exists()
