@@ -134,7 +134,7 @@ def cmd_encoder(args) -> None:
     from dataclasses import replace
 
     from patchflow.config import load_config
-    from patchflow.vision import WorldRecipe, load_vision_encoder, train_world_encoder
+    from patchflow.vision import WorldRecipe, train_world_encoder
 
     cfg = load_config(args.config, args.set)
     recipe = WorldRecipe()
@@ -146,8 +146,7 @@ def cmd_encoder(args) -> None:
             recipe = replace(recipe, **{key: value})
     t0 = time.perf_counter()
     out = train_world_encoder(cfg.data, args.out, recipe, progress=not args.quiet)
-    encoder = load_vision_encoder(str(out), cfg.data)
-    print(f"world encoder of {cfg.data.dataset} ({encoder.dim}-d features) written to {out} in "
+    print(f"world encoder of {cfg.data.dataset} ({recipe.dim}-d features) written to {out} in "
           f"{time.perf_counter() - t0:.1f}s; use it with repa.encoder = \"{out}\"")
 
 

@@ -3,6 +3,8 @@ module with a message that names what does not match. The bottom layer for every
 directories, codec directories, converted checkpoints."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -14,6 +16,46 @@ from safetensors.torch import load_file, save_file
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read safely; the message names the file."""
+
+
+PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def safetensors_files(directory: Path, error: type[Exception] = CheckpointError) -> list[Path]:
+    """The safetensors weight files of a transformers model folder (one file, or the shards its index names);
+    `error` (the caller's error type) when they are missing or only pickled weights are there."""
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise error(f"{index} is not a safetensors index ({e}); re-save the model") from None
+        for name in shards:
+            if not (directory / name).is_file():
+                raise error(f"{directory} is incomplete: weight shard {name} (named by {index.name}) is missing; "
+                            f"copy it there")
+        return [directory / name for name in shards]
+    pickled = [name for name in PICKLED if (directory / name).is_file()]
+    if pickled:
+        raise error(f"{directory} has only pickled weights ({pickled[0]}); patchflow loads safetensors only "
+                    f"(unpickling can run code). Convert once in a trusted session: "
+                    f"model.save_pretrained({str(directory)!r}) writes model.safetensors")
+    raise error(f"{directory} has no weights: model.safetensors (or model.safetensors.index.json with its shards) "
+                f"is missing")
+
+
+def hash_files(paths: list[Path]) -> str:
+    """sha256 over the names and bytes of `paths` (read in 16 MiB chunks)."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

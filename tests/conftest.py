@@ -14,6 +14,16 @@ os.environ.setdefault("PATCHFLOW_CACHE", tempfile.mkdtemp(prefix="patchflow-test
 SESSION_CACHE = Path(os.environ["PATCHFLOW_CACHE"])
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Runs set train.num_threads in this process; every test leaves torch's thread count as it found it."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def session_cache() -> Path:
     """The session's $PATCHFLOW_CACHE. Modules that pin the cache for their runs pin it here, so that what is

@@ -34,13 +34,6 @@ def read_log(run):
     return [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def codec_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("codec") / "run"

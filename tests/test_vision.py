@@ -87,6 +87,10 @@ def test_missing_and_incomplete_directories_name_what_is_missing(hf_dirs, tmp_pa
     (broken / "config.json").write_text((hf_dirs["siglip"] / "config.json").read_text())
     with pytest.raises(VisionError, match="model.safetensors .* is missing"):
         load_vision_encoder(str(broken), digits)
+    (broken / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(VisionError, match="only pickled weights .pytorch_model.bin.; patchflow loads safetensors"):
+        load_vision_encoder(str(broken), digits)
+    (broken / "pytorch_model.bin").unlink()
     (broken / "config.json").write_text('{"model_type": "bert"}')
     (broken / "model.safetensors").write_bytes((hf_dirs["siglip"] / "model.safetensors").read_bytes())
     with pytest.raises(VisionError, match="'bert' is not a vision encoder"):

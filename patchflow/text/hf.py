@@ -14,7 +14,6 @@ Weights load in float32 from safetensors only: pickled `.bin` weights are refuse
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import warnings
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from patchflow.text.base import FrozenTextEncoder, TextEmbedding, TextEncoderError
+from patchflow.weights import hash_files, safetensors_files
 
 VERSION = 1  # bump when what an encoder computes from the same files changes: caches keyed on identity() renew
 CLIP_TYPES = ("clip_text_model", "clip")
@@ -32,7 +32,6 @@ T5_DEFAULT_MAX_LENGTH = 256  # SD3's T5 sequence length; T5's relative positions
 PADDINGS = ("longest", "max_length")  # to the batch's longest prompt, masked / to max_length, read (SD3's pipelines)
 TOKENIZER_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("spiece.model",), ("vocab.txt",))
 TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
-PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 CONFIG_VOLATILE = ("transformers_version", "_name_or_path")  # not part of what the model computes
 
 
@@ -54,31 +53,6 @@ def read_config(directory: Path) -> dict:
     if not isinstance(config, dict):
         raise TextEncoderError(f"{path} does not hold a JSON object; re-save the model with save_pretrained")
     return config
-
-
-def weight_files(directory: Path) -> list[Path]:
-    """The safetensors weight files of `directory` (one file, or the shards its index names)."""
-    single = directory / "model.safetensors"
-    if single.is_file():
-        return [single]
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError) as e:
-            raise TextEncoderError(f"{index} is not a safetensors index ({e}); re-save the model") from None
-        for name in shards:
-            if not (directory / name).is_file():
-                raise TextEncoderError(f"{directory} is incomplete: weight shard {name} (named by {index.name}) is "
-                                       f"missing; copy it there")
-        return [directory / name for name in shards]
-    pickled = [name for name in PICKLED if (directory / name).is_file()]
-    if pickled:
-        raise TextEncoderError(f"{directory} has only pickled weights ({pickled[0]}); patchflow loads safetensors "
-                               f"only (unpickling can run code). Convert once in a trusted session: "
-                               f"model.save_pretrained({str(directory)!r}) writes model.safetensors")
-    raise TextEncoderError(f"{directory} has no weights: model.safetensors (or model.safetensors.index.json with "
-                           f"its shards) is missing")
 
 
 def _tokenizer_set(directory: Path) -> tuple[str, ...] | None:
@@ -108,21 +82,10 @@ def tokenizer_files(directory: Path) -> list[Path]:
                            f"text_encoder_N reads the tokenizer_N folder beside it)")
 
 
-def hash_files(paths: list[Path]) -> str:
-    """sha256 over the names and bytes of `paths` (read in 16 MiB chunks)."""
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def check_directory(directory: Path) -> dict:
     """config.json of a complete model folder; TextEncoderError naming the first missing piece otherwise."""
     config = read_config(directory)
-    weight_files(directory)
+    safetensors_files(directory, TextEncoderError)
     tokenizer_files(directory)
     return config
 
@@ -187,7 +150,7 @@ class TransformersTextEncoder(FrozenTextEncoder):
         self.max_length, self.dim, self.pooled_dim = max_length, dim, pooled_dim
         self.name = name or self.directory.name
         self._config = {k: v for k, v in read_config(self.directory).items() if k not in CONFIG_VOLATILE}
-        self._files = weight_files(self.directory), tokenizer_files(self.directory)
+        self._files = safetensors_files(self.directory, TextEncoderError), tokenizer_files(self.directory)
         self._extra_identity = {**(extra_identity or {}), **({"padding": padding} if padding != "longest" else {})}
         self._file_hashes: tuple[str, str] | None = None
         self.freeze()

@@ -11,9 +11,9 @@ from patchflow.checks import ConfigError
 from patchflow.flow.objective import build_objective
 from patchflow.models import build_model
 from patchflow.repa.projector import Projector
+from patchflow.run_dir import latest_checkpoint, load_into, load_weights
 
 PROJECTOR = "repa_projector."  # its weights' prefix: training only, kept out of the EMA and the sampling weights
-from patchflow.run_dir import latest_checkpoint, load_into, load_weights
 
 
 def build_trainable(cfg) -> nn.Module:

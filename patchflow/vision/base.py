@@ -1,9 +1,6 @@
 """What REPA asks of a frozen vision encoder, and the errors its loading raises."""
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 
@@ -26,14 +23,6 @@ class VisionEncoder(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fit_channels(x: torch.Tensor, channels: int, source: str) -> torch.Tensor:

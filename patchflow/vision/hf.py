@@ -6,7 +6,6 @@ directory's `preprocessor_config.json` (else the model family's usual mean and s
 layer's patch tokens, without the class and register tokens."""
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -14,7 +13,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from patchflow.vision.base import VisionEncoder, VisionError, file_sha256, fit_channels
+from patchflow.vision.base import VisionEncoder, VisionError, fit_channels
+from patchflow.weights import hash_files, safetensors_files
 
 # model_type -> (transformers class name, tokens before the patches, default mean, default std)
 FAMILIES = {
@@ -24,7 +24,6 @@ FAMILIES = {
     "siglip_vision_model": ("SiglipVisionModel", 0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "siglip": ("SiglipVisionModel", 0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
-WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def is_transformers_dir(path: Path) -> bool:
@@ -47,13 +46,11 @@ class TransformersVisionEncoder(VisionEncoder):
         if model_type not in FAMILIES:
             raise VisionError(f"{path}: model_type {model_type!r} is not a vision encoder patchflow can align with; "
                               f"use a DINOv2, SigLIP or CLIP vision model ({', '.join(sorted(FAMILIES))})")
-        weights = [path / w for w in WEIGHTS if (path / w).is_file()]
-        if not weights:
-            raise VisionError(f"{path} has config.json but no weights: model.safetensors (or pytorch_model.bin) is "
-                              f"missing; save the model with model.save_pretrained(DIR)")
+        weights = safetensors_files(path, VisionError)
         cls_name, self.prefix, mean, std = FAMILIES[model_type]
         try:
-            self.model = getattr(transformers, cls_name).from_pretrained(path, local_files_only=True)
+            self.model = getattr(transformers, cls_name).from_pretrained(path, local_files_only=True,
+                                                                         use_safetensors=True)
         except (OSError, ValueError, KeyError) as e:
             raise VisionError(f"{path}: transformers could not load it as a {cls_name} ({e})") from e
         self.model.eval().requires_grad_(False)
@@ -68,10 +65,8 @@ class TransformersVisionEncoder(VisionEncoder):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.name, self.dim, self.source = f"{model_type} ({path.name})", int(vision.hidden_size), str(path)
-        h = hashlib.sha256()
-        for f in [config_file, *weights, *([pre] if pre.is_file() else [])]:
-            h.update(file_sha256(f).encode())
-        self._identity = {"kind": f"transformers:{model_type}", "sha256": h.hexdigest()[:16], "image_size": self.size,
+        digest = hash_files([config_file, *weights, *([pre] if pre.is_file() else [])])
+        self._identity = {"kind": f"transformers:{model_type}", "sha256": digest[:16], "image_size": self.size,
                           "mean": list(mean), "std": list(std)}
         self._warned = False
 

@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from patchflow.paths import cache_root
-from patchflow.weights import load_into
-from patchflow.vision.base import VisionEncoder, VisionError, file_sha256, fit_channels
+from patchflow.weights import hash_files, load_into
+from patchflow.vision.base import VisionEncoder, VisionError, fit_channels
 
 WORLD_VERSION = 1
 META, WEIGHTS = "encoder.json", "encoder.safetensors"
@@ -218,7 +218,7 @@ class WorldEncoder(VisionEncoder):
         self.channels, self.dim, self.source = in_channels, recipe.dim, str(path)
         self.name = f"world encoder ({path.name})"
         self._identity = {"kind": "patchflow-world-encoder", "version": int(meta.get("version", 0)),
-                          "sha256": file_sha256(path / WEIGHTS)[:16]}
+                          "sha256": hash_files([path / WEIGHTS])[:16]}
 
     def identity(self) -> dict:
         return dict(self._identity)
