@@ -181,10 +181,14 @@ class RunConfig:
             raise ConfigError(f"sample.steps={self.sample.steps} exceeds flow.num_timesteps={self.flow.num_timesteps}")
         video_only = [k for k, v in (("data.buckets", self.data.buckets), ("data.mix_images", self.data.mix_images),
                                      ("train.pack_tokens", self.train.pack_tokens),
-                                     ("flow.context_prob", self.flow.context_prob)) if v]
+                                     ("flow.context_prob", self.flow.context_prob),
+                                     ("flow.frame_noise", self.flow.frame_noise != "independent")) if v]
         if video_only and not self.kind.video:
             raise ConfigError(f"{video_only[0]} is a video setting: it needs model.arch = \"video\" (clips of "
                               f"several sizes, per-frame timesteps); model.arch = {show(self.model.arch)}")
+        if self.flow.contrastive and self.train.pack_tokens:
+            raise ConfigError("flow.contrastive pushes each prediction from another item's target of the same shape; "
+                              "packed clips (train.pack_tokens) have none: set one of them to 0")
         if self.data.mix_images and not (self.data.buckets or self.train.pack_tokens):
             raise ConfigError("data.mix_images adds one-frame clips to multi-frame ones: batches must then be "
                               "bucketed (data.buckets with a one-frame bucket) or packed (train.pack_tokens)")

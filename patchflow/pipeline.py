@@ -14,6 +14,7 @@ from patchflow.config import RunConfig
 from patchflow.flops import resolve_precision, warn_if_bf16_is_slow
 from patchflow.flow import rectified
 from patchflow.flow.guidance import classifier_free
+from patchflow.flow.noise import frame_noise
 from patchflow.flow.objective import build_objective
 from patchflow.media.grids import grid, save_grid  # noqa: F401 - imported from here (cli, trainer, serve)
 from patchflow.models import build_model
@@ -127,7 +128,8 @@ def generate(model: nn.Module, cfg: RunConfig, targets, *, conditioning=None, ne
         flow = dataclasses.replace(flow, shift=sampling_shift(cfg, (frames // pt, height // p, width // p)))
     objective = build_objective(flow, m.learn_sigma)
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(n, m.in_channels, frames, height, width, generator=generator)
+    noise = frame_noise((n, m.in_channels, frames, height, width), flow.frame_noise, flow.frame_noise_alpha,
+                        lambda shape: torch.randn(shape, generator=generator))  # as the model trained on
     for name, given in (("context", context[0] if context is not None else None), ("init", init)):
         if given is not None and tuple(given.shape) != tuple(noise.shape):
             raise ValueError(f"{name} has shape {tuple(given.shape)}, the samples {tuple(noise.shape)}")

@@ -159,6 +159,32 @@ def test_world_encoder_learns_the_digits_and_is_reproducible(tmp_path, digits):
     assert meta["final_loss"] < meta["first_loss"] - 0.15 and meta["recipe"]["steps"] == 40
 
 
+def test_world_encoder_learns_a_colour_world_and_tells_numbers_apart(tmp_path):
+    """On colour-digits images (colours permuted between views) the contrastive loss falls instead of sitting at
+    log(2N - 1), the collapse the batch-normed head and the instance term prevent; numbers are their own classes."""
+    import json
+    import math
+
+    from patchflow.data import build_dataset
+    from patchflow.data.config import DataConfig
+    from patchflow.vision.world import training_images
+
+    cfg = DataConfig(dataset="color-digits")
+    world = build_dataset(cfg, "train")
+    kinds = {}
+    for i in range(400):
+        digits = world.attributes(i)["digits"]
+        kinds.setdefault(len(digits), []).append((digits, world.glyph_class(i)))
+    assert all(c == d[0] for d, c in kinds[1]) and all(c == 10 + 10 * d[0] + d[1] for d, c in kinds[2])
+    _, labels = training_images(cfg, 256, 0)
+    assert labels.max() >= 10  # numbers reach the encoder as their own classes, not as their first digit
+    recipe = WorldRecipe(steps=30, items=512, batch_size=64, width=8, dim=32)
+    train_world_encoder(cfg, tmp_path / "w", recipe, progress=False)
+    meta = json.loads((tmp_path / "w" / "encoder.json").read_text())
+    assert meta["first_loss"] > 2 * math.log(2 * 64 - 1) - 0.3  # instance + label term, both at chance
+    assert meta["final_loss"] < meta["first_loss"] - 0.4, meta  # the collapsed head's loss did not move (< 0.01)
+
+
 def test_patchflow_encoder_writes_a_directory_a_run_can_name(tmp_path, capsys):
     from patchflow.cli import main
 

@@ -39,6 +39,8 @@ class AutoencoderConfig:
     mse_weight: float = 1.0           # reconstruction = L1 + mse_weight * MSE (MSE drives PSNR, L1 keeps edges)
     adversarial_weight: float = 0.0   # hinge GAN with a patch discriminator; 0 (default) leaves it out
     disc_channels: int = 32
+    equivariance_weight: float = 0.0  # shift equivariance (EQ-VAE's idea, for shifts): encode(shift(x)) pulled toward
+                                      # shift(encode(x)) for shifts of up to one latent pixel, off the grid included
 
     @property
     def space_factor(self) -> int:
@@ -66,7 +68,7 @@ class AutoencoderConfig:
         if self.init_from and t == 1:
             raise ValueError("model.init_from inflates an image codec into a video codec; it needs "
                              "model.time_downsample > 1")
-        for key in ("kl_weight", "mse_weight", "adversarial_weight"):
+        for key in ("kl_weight", "mse_weight", "adversarial_weight", "equivariance_weight"):
             if not 0 <= getattr(self, key) < 1e6:
                 raise ValueError(f"model.{key} must be >= 0, got {getattr(self, key)}")
 

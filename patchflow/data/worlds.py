@@ -234,6 +234,12 @@ class World(torch.utils.data.Dataset):
             raise IndexError(f"item {i} out of range for a {self.split} set of {self.size}")
         return i
 
+    def glyph_class(self, i: int) -> int:
+        """What item i shows as one class: a digit 0-9, a two-digit number 10 + its value (so "42" and "47" differ,
+        where `label` gives both 4); the world encoder's supervised contrast groups by it."""
+        digits = self.attributes(self._check(i))["digits"]
+        return digits[0] if len(digits) == 1 else 10 + int("".join(map(str, digits)))
+
     def rng(self, i: int, stream: int = 0) -> np.random.Generator:
         return item_rng(self.WORLD, self.seed, self.split, self._check(i), stream)
 

@@ -8,6 +8,14 @@ from patchflow.flow.config import FlowConfig
 from patchflow.flow import rectified, samplers
 from patchflow.flow.ddpm import GaussianDiffusion
 from patchflow.flow.draws import global_draw
+from patchflow.flow.noise import frame_noise
+
+
+def draw_noise(x0: torch.Tensor, cfg: FlowConfig, generator, shard) -> torch.Tensor:
+    """Training noise like x0 (B, ...), drawn for the global batch, correlated across frames by flow.frame_noise."""
+    return global_draw(x0, generator, shard, lambda n: frame_noise(
+        (n, *x0.shape[1:]), cfg.frame_noise, cfg.frame_noise_alpha,
+        lambda shape: torch.randn(shape, generator=generator, device=x0.device, dtype=x0.dtype)))
 
 
 class RectifiedFlowObjective:
@@ -34,12 +42,12 @@ class RectifiedFlowObjective:
         if isinstance(x0, (list, tuple)):
             return self._packed_loss(model_fn, list(x0), generator, shard)
         t = global_draw(x0, generator, shard, lambda n: self._times(n, generator, x0.device))
-        noise = global_draw(x0, generator, shard, lambda n: torch.randn(
-            (n, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype))
+        noise = draw_noise(x0, self.cfg, generator, shard)
         given = self._context(x0, generator, shard)
+        fn, contrast = (lambda x, s: model_fn(x, s * self.t_max)), self.cfg.contrastive
         if given is None:
-            return rectified.flow_loss(lambda x, s: model_fn(x, s * self.t_max), x0, noise, t)
-        return rectified.context_flow_loss(lambda x, s: model_fn(x, s * self.t_max), x0, noise, t, given)
+            return rectified.flow_loss(fn, x0, noise, t, contrast)
+        return rectified.context_flow_loss(fn, x0, noise, t, given, contrast)
 
     def _context(self, x0: torch.Tensor, generator, shard) -> torch.Tensor | None:
         """(B, T) bool, the given leading frames of each clip (None when no clip of the batch has any)."""
@@ -60,9 +68,12 @@ class RectifiedFlowObjective:
         seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device if generator else None))
         g = torch.Generator().manual_seed(seed + rank)
         t = self._times(len(xs), g, "cpu").to(xs[0].device)
-        noise = [torch.randn(x.shape, generator=g).to(x.device, x.dtype) for x in xs]
+        c = self.cfg
+        noise = [frame_noise((1, *x.shape), c.frame_noise, c.frame_noise_alpha,
+                             lambda shape: torch.randn(shape, generator=g))[0].to(x.device, x.dtype) for x in xs]
         xt = [rectified.interpolate(x[None], e[None], ti[None])[0] for x, e, ti in zip(xs, noise, t)]
         pred = model_fn(xt, t * self.t_max)
+        # contrastive flow matching pairs same-shaped items; clips of other sizes have no common target to push from
         return torch.stack([(p.float() - (e - x).float()).pow(2).mean() for p, e, x in zip(pred, noise, xs)])
 
     def sample(self, model_fn, noise: torch.Tensor, steps: int, sampler: str = "euler", progress=None,
@@ -101,6 +112,7 @@ class DiffusionObjective:
     t_max = 1000.0
 
     def __init__(self, cfg: FlowConfig, learn_sigma: bool):
+        self.cfg = cfg
         self.diffusion = GaussianDiffusion.from_config(cfg, learn_sigma)  # cfg.schedule, cfg.prediction
         self.t_max = float(cfg.num_timesteps)
 
@@ -108,8 +120,7 @@ class DiffusionObjective:
              shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
         t = global_draw(x0, generator, shard,
                          lambda n: self.diffusion.sample_timesteps(n, generator=generator, device=x0.device))
-        noise = global_draw(x0, generator, shard, lambda n: torch.randn(
-            (n, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype))
+        noise = draw_noise(x0, self.cfg, generator, shard)
         return self.diffusion.training_losses(model_fn, x0, t, noise)["loss"]
 
     def sample(self, model_fn, noise: torch.Tensor, steps: int, sampler: str = "ddpm", progress=None,

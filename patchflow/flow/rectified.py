@@ -51,19 +51,30 @@ def resolution_shift(num_tokens: int, base_tokens: int) -> float:
     return math.sqrt(num_tokens / base_tokens)
 
 
-def flow_loss(velocity_fn, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def contrast_error(pred: torch.Tensor, target: torch.Tensor, contrast: float) -> torch.Tensor:
+    """Elementwise (pred - target)^2, less `contrast` x (pred - the next batch item's target)^2: contrastive flow
+    matching (Stoica et al. 2025), which keeps the flows of different conditions apart. contrast 0 or a batch of
+    one: the plain squared error."""
+    err = (pred.float() - target.float()).pow(2)
+    if contrast and target.shape[0] > 1:
+        err = err - contrast * (pred.float() - target.roll(1, dims=0).float()).pow(2)
+    return err
+
+
+def flow_loss(velocity_fn, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+              contrast: float = 0.0) -> torch.Tensor:
     """Per-sample MSE between the predicted and the target velocity. velocity_fn(x_t, t) with t in [0, 1]."""
     pred = velocity_fn(interpolate(x0, noise, t), t)
-    return (pred.float() - velocity_target(x0, noise).float()).pow(2).flatten(1).mean(1)
+    return contrast_error(pred, velocity_target(x0, noise), contrast).flatten(1).mean(1)
 
 
 def context_flow_loss(velocity_fn, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                      given: torch.Tensor) -> torch.Tensor:
+                      given: torch.Tensor, contrast: float = 0.0) -> torch.Tensor:
     """flow_loss with given frames: x0, noise (B, C, T, H, W); t (B,); given (B, T) bool. Given frames are clean
     (time 0) and left out of the loss; velocity_fn gets per-frame times (B, T). Per-sample mean over the rest."""
     tf = t[:, None] * (~given).to(t.dtype)  # (B, T)
     w = tf[:, None, :, None, None].to(x0.dtype)
     pred = velocity_fn((1 - w) * x0 + w * noise, tf)
-    err = (pred.float() - velocity_target(x0, noise).float()).pow(2).mean(dim=(1, 3, 4))  # (B, T)
+    err = contrast_error(pred, velocity_target(x0, noise), contrast).mean(dim=(1, 3, 4))  # (B, T)
     keep = (~given).float()
     return (err * keep).sum(1) / keep.sum(1).clamp(min=1)

@@ -29,7 +29,7 @@ from patchflow.paths import cache_root
 from patchflow.weights import hash_files, load_into
 from patchflow.vision.base import VisionEncoder, VisionError, fit_channels
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2  # 2: batch-normed head, instance + label contrast, glyph classes
 META, WEIGHTS = "encoder.json", "encoder.safetensors"
 
 
@@ -61,7 +61,9 @@ class WorldNet(nn.Module):
                                   _conv(2 * w, 4 * w, stride=2), _conv(4 * w, 4 * w, dilation=2),
                                   nn.Conv2d(4 * w, dim, 3, padding=2, dilation=2))
         self.context = nn.Linear(dim, dim)   # the global view each patch feature also carries
-        self.head = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        # batch norm in the head (SimCLR's): at init the pooled features of near-identical digit images point the same
+        # way, and without it the contrastive gradient vanishes (the loss sat at log(2N - 1))
+        self.head = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.stem(x)
@@ -113,7 +115,8 @@ def contrastive_loss(a: torch.Tensor, b: torch.Tensor, temperature: float,
 
 def training_images(data_cfg, limit: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Up to `limit` images (N, C, H, W) of the data set's training split (every frame of its clips) and their
-    labels (N,), None when the data set has one label only (a folder without class folders)."""
+    labels (N,) (a built-in world's glyph class: digit, or 10 + a two-digit number), None when the data set has one
+    label only (a folder without class folders)."""
     from patchflow.data import build_dataset
 
     dataset = build_dataset(data_cfg, "train")
@@ -123,6 +126,7 @@ def training_images(data_cfg, limit: int, seed: int) -> tuple[torch.Tensor, torc
     images, labels, count = [], [], 0
     for i in order:
         x, y = dataset[i]  # (C, T, H, W), int
+        y = dataset.glyph_class(i) if hasattr(dataset, "glyph_class") else y
         images.append(x.permute(1, 0, 2, 3))
         labels += [int(y)] * x.shape[1]
         count += x.shape[1]
@@ -153,7 +157,9 @@ def train_world_encoder(data_cfg, out: str | Path, recipe: WorldRecipe = WorldRe
         pick = torch.randint(0, len(images), (recipe.batch_size,), generator=g)
         views = augment(images[pick].repeat(2, 1, 1, 1), recipe.max_shift, g)
         a, b = net.embed(views).chunk(2)
-        loss = contrastive_loss(a, b, recipe.temperature, None if labels is None else labels[pick])
+        loss = contrastive_loss(a, b, recipe.temperature)  # each view finds its partner: no collapse to labels
+        if labels is not None:
+            loss = loss + contrastive_loss(a, b, recipe.temperature, labels[pick])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -213,7 +219,9 @@ class WorldEncoder(VisionEncoder):
             raise VisionError(f"{path} is incomplete: {WEIGHTS} is missing; train it again with "
                               f"`patchflow encoder CONFIG --out {path}`")
         self.net = WorldNet(in_channels, recipe.width, recipe.dim)
-        load_into(self.net, load_file(str(path / WEIGHTS)), source=str(path / WEIGHTS))
+        self.net.head = nn.Identity()  # the contrastive head only trains; features come before it (any version's)
+        tensors = {k: v for k, v in load_file(str(path / WEIGHTS)).items() if not k.startswith("head.")}
+        load_into(self.net, tensors, source=str(path / WEIGHTS))
         self.net.eval().requires_grad_(False)
         self.channels, self.dim, self.source = in_channels, recipe.dim, str(path)
         self.name = f"world encoder ({path.name})"
