@@ -16,10 +16,15 @@ import torch
 FRAME_NOISE = ("independent", "mixed", "progressive")
 
 
+def _correlates(mode: str, shape: tuple[int, ...]) -> bool:
+    """Whether `mode` changes noise of `shape`: only clips (B, C, T, H, W) of T > 1 have frames to share."""
+    return mode != "independent" and len(shape) == 5 and shape[2] > 1
+
+
 def correlate_frames(own: torch.Tensor, mode: str, alpha: float, shared: torch.Tensor | None = None) -> torch.Tensor:
     """own: (B, C, T, H, W) independent N(0, I); shared: (B, C, 1, H, W) N(0, I), needed by "mixed" -> noise of
     the same shape whose frames each stay N(0, I)."""
-    if mode == "independent" or own.ndim != 5 or own.shape[2] == 1:
+    if not _correlates(mode, tuple(own.shape)):
         return own
     scale = 1.0 / math.sqrt(1.0 + alpha * alpha)
     if mode == "mixed":
@@ -38,6 +43,5 @@ def frame_noise(shape: tuple[int, ...], mode: str, alpha: float, draw) -> torch.
     """Noise of `shape` (B, C, T, H, W) correlated by `mode`; draw(shape) -> N(0, I). The shared draw is made only for
     "mixed" (after the own one), so "independent" uses exactly the draws it always did."""
     own = draw(shape)
-    if mode != "mixed" or len(shape) != 5 or shape[2] == 1:
-        return correlate_frames(own, mode, alpha)
-    return correlate_frames(own, mode, alpha, draw((*shape[:2], 1, *shape[3:])))
+    shared = draw((*shape[:2], 1, *shape[3:])) if mode == "mixed" and _correlates(mode, shape) else None
+    return correlate_frames(own, mode, alpha, shared)
