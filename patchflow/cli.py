@@ -1,4 +1,4 @@
-"""`patchflow train | sample | eval | cache | encoder | convert | plan | demo | serve | report`."""
+"""`patchflow train | sample | eval | cache | encoder | convert | lora | plan | demo | serve | report`."""
 from __future__ import annotations
 
 import argparse
@@ -150,6 +150,21 @@ def cmd_encoder(args) -> None:
           f"{time.perf_counter() - t0:.1f}s; use it with repa.encoder = \"{out}\"")
 
 
+def cmd_lora(args) -> None:
+    from patchflow.lora.apply import merge_run, read
+    from patchflow.lora.files import save_adapter
+
+    if args.action == "merge":
+        if not args.adapters:
+            raise ValueError("patchflow lora merge RUN A.safetensors[:scale] ... --out DIR: give at least one adapter "
+                             "(or merge a LoRA run's own with its run directory as RUN and A)")
+        print(f"wrote run directory {merge_run(args.run_dir, args.adapters, args.out)}")
+    else:
+        if args.adapters:
+            raise ValueError("patchflow lora export RUN --out FILE takes no adapter files")
+        print(f"wrote adapter {save_adapter(read(args.run_dir), args.out)}")
+
+
 def cmd_plan(args) -> None:
     from patchflow.config import load_config
     from patchflow.plan import format_plan, make_plan, parse_memory
@@ -229,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video-to-video", metavar="CLIP", help="video runs: redraw this clip after the prompt (SDEdit)")
     p.add_argument("--strength", type=float, help="with --video-to-video: how much is redrawn, in (0, 1] "
                                                   "(default 0.7)")
+    p.add_argument("--lora", action="append", default=[], metavar="ADAPTER[:SCALE]",
+                   help="merge an adapter (a patchflow adapter file or a LoRA run) at this strength (default 1); "
+                        "repeat to stack adapters")
     _add_sampling_flags(p)
     p.set_defaults(fn=cmd_sample)
 
@@ -279,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images per step (default 128)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_encoder)
+
+    p = sub.add_parser("lora", help="bake adapters into a run (merge) or write a LoRA run's adapter file (export)")
+    p.add_argument("action", choices=("merge", "export"))
+    p.add_argument("run_dir", help="merge: the run to bake into (a LoRA run bakes its own adapter in too); export: a "
+                                   "LoRA run")
+    p.add_argument("adapters", nargs="*", metavar="ADAPTER[:SCALE]", help="merge: adapter files or LoRA runs")
+    p.add_argument("--out", required=True, help="merge: a new run directory; export: a .safetensors adapter file")
+    p.set_defaults(fn=cmd_lora)
 
     p = sub.add_parser("plan", help="parameters, FLOPs, memory per batch size, largest batch that fits")
     p.add_argument("config", help="a TOML file or a shipped preset name")

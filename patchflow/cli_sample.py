@@ -126,7 +126,7 @@ def cmd_sample(args) -> None:
     _check_out(args, cfg, out)
     size = parse_size(args.size)  # a malformed --size fails before the model is loaded
     t0 = time.perf_counter()
-    pipe = Pipeline.load(args.run_dir, ema=not args.no_ema, device=args.device)
+    pipe = Pipeline.load(args.run_dir, ema=not args.no_ema, device=args.device, loras=args.lora)
     images = pipe(labels, prompt=prompts, negative_prompt=args.negative_prompt, steps=args.steps,
                   guidance=args.guidance, seed=args.seed, sampler=args.sampler, progress=not args.quiet, size=size,
                   **{k: v for k, v in video.items() if v is not None})

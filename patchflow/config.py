@@ -25,11 +25,12 @@ from patchflow.flow.config import FlowConfig, samplers_for
 from patchflow.kinds import ARCHS, RunKind, run_kind
 from patchflow.models.dit import DiTConfig
 from patchflow.models.text_config import MMDiTConfig, VideoDiTConfig
+from patchflow.lora.config import LoRAConfig
 from patchflow.repa.config import RepaConfig
 from patchflow.text.config import TextConfig
 
 __all__ = ["ARCHS", "CodecConfig", "ConfigError", "DataConfig", "FlowConfig", "MAX_SAMPLES", "PRESET_DIR",
-           "RepaConfig", "RunConfig", "RunKind", "SampleConfig", "SECTIONS", "TextConfig", "TrainConfig", "WORLDS", "from_dict",
+           "LoRAConfig", "RepaConfig", "RunConfig", "RunKind", "SampleConfig", "SECTIONS", "TextConfig", "TrainConfig", "WORLDS", "from_dict",
            "load_config", "model_config_class", "parse_override", "resolve_preset", "run_kind"]
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -141,6 +142,7 @@ class RunConfig:
     codec: CodecConfig = field(default_factory=CodecConfig)
     text: TextConfig = field(default_factory=TextConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     @property
     def kind(self) -> RunKind:
@@ -168,11 +170,16 @@ class RunConfig:
         self.codec.validate()
         self.text.validate()
         self.repa.validate()
+        self.lora.validate()
         if self.kind.codec:
-            if self.repa.enabled:
-                raise ConfigError("repa.encoder aligns a diffusion model's hidden states; a codec run (model.arch = "
-                                  "\"autoencoder\") has none: leave repa.encoder = \"\"")
+            for key, on in (("repa.encoder", self.repa.enabled), ("lora.rank", self.lora.enabled)):
+                if on:
+                    raise ConfigError(f"{key} is for diffusion models; a codec run (model.arch = \"autoencoder\") "
+                                      f"takes neither REPA nor adapters: leave it unset")
             return self._validate_codec_run()
+        if self.lora.enabled and not self.train.init_from.strip():
+            raise ConfigError("lora.rank adapts a trained base model: set train.init_from to its run directory or "
+                              "weights file (e.g. --set train.init_from='\"runs/demo\"')")
         self._validate_repa()
         self.sample.validate(self.flow.objective)
         if self.flow.objective == "rectified" and self.model.learn_sigma:

@@ -18,7 +18,8 @@ from patchflow.flow.noise import frame_noise
 from patchflow.flow.objective import build_objective
 from patchflow.media.grids import grid, save_grid  # noqa: F401 - imported from here (cli, trainer, serve)
 from patchflow.models import build_model
-from patchflow.run_dir import latest_checkpoint, load_into, load_run_config, load_weights
+from patchflow.lora.apply import run_weights, stack
+from patchflow.run_dir import latest_checkpoint, load_into, load_run_config
 from patchflow.sample_request import PYTHON, check_request
 
 
@@ -28,9 +29,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def load(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> nn.Module:
+def load(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cpu", loras=()) -> nn.Module:
     """The trained model of a run directory (EMA weights by default), in eval mode. For a codec run this is its
-    exported codec, as `patchflow.codecs.load(run_dir)` gives it."""
+    exported codec, as `patchflow.codecs.load(run_dir)` gives it. A LoRA run's model is its base with the adapters
+    merged in; `loras`: adapters stacked on top, each "FILE[:scale]" or (file, scale), a file or a LoRA run."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     if cfg.kind.codec:
@@ -46,7 +48,8 @@ def load(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cp
                                     f"train first (patchflow train ... --out {run_dir})")
         path = ckpt / name
     model = build_model(cfg.model)
-    load_into(model, load_weights(path), source=str(path))
+    weights, base = run_weights(run_dir, cfg, model, path)
+    load_into(model, stack(weights, loras, base, cfg.model.arch) if loras else weights, source=str(path))
     return model.to(device).eval()
 
 
@@ -232,8 +235,9 @@ class Pipeline:
         self.conditioning = conditioning or build_conditioning(cfg, device)
 
     @classmethod
-    def load(cls, run_dir: str | Path, ema: bool = True, device: str = "auto") -> "Pipeline":
-        """The run's model, its codec (pixels for identity runs) and, for a text run, its frozen text encoder."""
+    def load(cls, run_dir: str | Path, ema: bool = True, device: str = "auto", loras=()) -> "Pipeline":
+        """The run's model, its codec (pixels for identity runs) and, for a text run, its frozen text encoder;
+        `loras`: adapters merged into the model (see `load`)."""
         from patchflow import codecs
 
         cfg = load_run_config(run_dir)
@@ -241,7 +245,7 @@ class Pipeline:
             check_request(cfg, PYTHON, str(run_dir))  # the codec run's message
         device = resolve_device(device)
         codec = None if cfg.codec.source == "identity" else codecs.load(run_dir, device=device)
-        return cls(load(run_dir, ema=ema, device=device), cfg, codec)
+        return cls(load(run_dir, ema=ema, device=device, loras=loras), cfg, codec)
 
     def targets(self, labels=None, prompt=None, n: int | None = None) -> tuple[list | None, list | None]:
         """(labels, prompts) as lists, None where not given; an int label or a string prompt is repeated n times."""

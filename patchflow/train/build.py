@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from patchflow.checks import ConfigError
 from patchflow.flow.objective import build_objective
 from patchflow.models import build_model
 from patchflow.repa.projector import Projector
-from patchflow.run_dir import latest_checkpoint, load_into, load_weights
+from patchflow.init_weights import load_start
 
 PROJECTOR = "repa_projector."  # its weights' prefix: training only, kept out of the EMA and the sampling weights
 
@@ -47,26 +46,5 @@ def split_projector(state: dict) -> tuple[dict, dict]:
 
 
 def load_init_weights(cfg, net: nn.Module, source: str) -> Path:
-    """train.init_from into `net`: a run directory's EMA weights (its latest checkpoint's when the run is
-    unfinished) or a .safetensors file, strict; an image MMDiT into a video model through
-    models.video.load_image_weights. Returns the file read."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        ckpt = path / "ema.safetensors"
-        if not ckpt.is_file():
-            latest = latest_checkpoint(path)
-            if latest is None:
-                raise FileNotFoundError(f"train.init_from = {source!r}: no ema.safetensors and no checkpoint in it")
-            ckpt = latest / "ema.safetensors"
-        path = ckpt
-    weights = load_weights(path)
-    try:
-        if cfg.kind.video:  # a video run's weights, or an image MMDiT's (temporal blocks left)
-            from patchflow.models.video import load_image_weights
-
-            load_image_weights(net, weights)
-        else:
-            load_into(net, weights, source=str(path))
-    except (ValueError, RuntimeError) as e:
-        raise ConfigError(f"train.init_from = {source!r}: {e}") from None
-    return path
+    """train.init_from into `net` (patchflow.init_weights.load_start): returns the file read."""
+    return load_start(cfg.kind.video, net, source)

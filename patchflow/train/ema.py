@@ -17,11 +17,12 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 class EMA:
     def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True, skip: str = ""):
         """model: the plain, DDP-unwrapped or FSDP-sharded module whose parameters are averaged; parameters whose
-        names start with `skip` (REPA's projector: training only) are not."""
+        names start with `skip` (REPA's projector: training only) are not, nor frozen ones."""
         self.decay, self.warmup, self.updates = decay, warmup, 0
         if model.state_dict().keys() != dict(model.named_parameters()).keys():
             raise ValueError("EMA averages parameters only; this model has persistent buffers")
-        self.keep = [not (skip and name.startswith(skip)) for name, _ in model.named_parameters()]
+        # frozen parameters (a LoRA run's base) never change: nothing to average
+        self.keep = [p.requires_grad and not (skip and name.startswith(skip)) for name, p in model.named_parameters()]
         self.names = [name for (name, _), k in zip(model.named_parameters(), self.keep) if k]
         self.shadow = [p.detach().clone() for p, k in zip(model.parameters(), self.keep) if k]
 

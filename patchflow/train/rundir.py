@@ -3,6 +3,7 @@ may continue, the write probe of --out, the log cut back to a checkpoint, the ru
 that train.precision = "auto" chose, and failed writes turned into a TrainingError that names the last checkpoint."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 from contextlib import contextmanager
@@ -30,6 +31,11 @@ def check_resume(cfg: RunConfig, out: Path, resume: bool) -> None:
         if saved.codec.source != cfg.codec.source:
             raise ConfigError(f"--resume: codec.source = {cfg.codec.source!r} differs from the run's "
                               f"{saved.codec.source!r} ({config_path}); a run keeps its codec")
+        mine, theirs = (dataclasses.replace(c.lora, base_hash="", dropout=0.0) for c in (cfg, saved))
+        if mine != theirs:
+            raise ConfigError(f"--resume: [lora] (rank, alpha, targets, blocks) differs from the run's {config_path}; "
+                              f"a run keeps its adapters")
+        cfg.lora.base_hash = cfg.lora.base_hash or saved.lora.base_hash  # the base the adapters were trained on
     elif config_path.is_file():
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or pick another --out")
 

@@ -42,6 +42,8 @@ from patchflow.train import distributed, inputs, rundir
 from patchflow.repa.loss import repa_loss
 from patchflow.train.build import PROJECTOR, attach_projector, build_trainable, load_init_weights, objective_for_run
 from patchflow.train.build import split_projector
+from patchflow.init_weights import check_base
+from patchflow.lora.adapters import add_adapters, split_adapter
 from patchflow.train.ema import EMA
 from patchflow.train.errors import TrainingError
 from patchflow.train.optim import adamw, lr_factor
@@ -98,10 +100,14 @@ class Trainer:
             self.dataset = inputs.with_features(cfg, self.dataset, setup.vision, self.codec, self.dist, self.device,
                                                 progress)
         self.net = build_trainable(cfg)
-        if t.init_from.strip() and not (resume and latest_checkpoint(self.out) is not None):
+        self.lora = cfg.lora.enabled  # adapters on a frozen base: the base is read again on every start
+        if t.init_from.strip() and (self.lora or not (resume and latest_checkpoint(self.out) is not None)):
             path = load_init_weights(cfg, self.net, t.init_from.strip())
+            if self.lora:  # the base's sha256 is recorded in config.toml
+                cfg.lora.base_hash = check_base(cfg.lora, path, "--resume" if resume else "train.init_from")
+                add_adapters(self.net, cfg.lora)
             if self.main:
-                print(f"initialised from {path}")
+                print(f"initialised from {path}" + (f", adapters of rank {cfg.lora.rank}" if self.lora else ""))
         if setup.inflate is not None:  # a video codec starting from an image codec (also on resume: step 0 must match)
             setup.inflate(self.net)
         if self.aligned:
@@ -124,7 +130,7 @@ class Trainer:
         self.objective = objective_for_run(cfg)
         text = inputs.text_cache(cfg, setup.text_encoder, self.dataset, self.dist, progress)
         self.conditioning = build_conditioning(cfg, self.device, text_encoder=text)
-        self.opt = adamw(self.model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        self.opt = adamw([p for p in self.model.parameters() if p.requires_grad], lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, functools.partial(
             lr_factor, steps=t.steps, warmup_steps=t.warmup_steps, schedule=t.lr_schedule,
             decay_steps=t.lr_decay_steps, final=t.lr_final))
@@ -134,7 +140,8 @@ class Trainer:
         self.bad_streak = 0  # ... of which the latest ones in a row
         self.meter = Meter(cfg, self.forward_macs, self.peak_flops, self.dist, self.device,
                            timed=bool(getattr(self.objective, "t_max", None)))
-        self.previews = Previews(cfg, self.out, self.device, self.codec, self.conditioning)
+        base = split_adapter(split_projector(self.net.state_dict())[0])[0] if self.lora else None
+        self.previews = Previews(cfg, self.out, self.device, self.codec, self.conditioning, base=base)
         if resume:
             self._restore()
         if self.main:
@@ -178,6 +185,8 @@ class Trainer:
                               f"checkpoint")
         else:
             weights = load_weights(ckpt / "model.safetensors")
+            if self.lora:  # the checkpoint holds the adapters; the base was read from train.init_from
+                weights = {**split_adapter(split_projector(self.net.state_dict())[0])[0], **weights}
             if self.aligned:
                 weights.update(load_weights(ckpt / "repa.safetensors"))
             load_into(self.net, weights, source=str(ckpt / "model.safetensors"))
@@ -203,6 +212,8 @@ class Trainer:
         if self.aligned and model_sd is not None:  # the projector stays in the checkpoint, out of the sampling weights
             model_sd, projector = split_projector(model_sd)
             extra = {"repa.safetensors": projector}
+        if self.lora and model_sd is not None:  # a LoRA run's weights are its adapters; its base stays where it is
+            model_sd = split_adapter(model_sd)[1]
         ema_sd = self.ema.state_dict(keep=self.main)  # only the writing process holds the full EMA
         shards = (lambda folder: distributed.save_sharded(folder, self.model, self.opt)) if self.sharded else None
         with self._stop_on_os_error(f"checkpoint step {self.step} in {self.out / 'checkpoints'}"):

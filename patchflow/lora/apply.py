@@ -1,0 +1,104 @@
+"""Adapters at sampling time: a run's sampling weights (a LoRA run's base with its adapter merged in), adapters
+stacked on top (`--lora A.safetensors[:scale]`, `Pipeline.load(RUN, loras=[...])`), and a merged run directory
+(`patchflow lora merge`). Merging is exact to float32 rounding and costs nothing per sampling step."""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import torch.nn as nn
+
+from patchflow.checks import ConfigError
+from patchflow.init_weights import check_base, load_start
+from patchflow.lora.adapters import merge
+from patchflow.lora.files import Adapter, adapter_from_config, read_adapter
+from patchflow.run_dir import load_run_config, load_weights
+from patchflow.weights import atomic_save_safetensors, atomic_write_text, hash_files
+
+
+def parse_spec(spec) -> tuple[str, float]:
+    """'A.safetensors:0.8' -> ('A.safetensors', 0.8); no ':scale' (or a tuple given) keeps it as it is, scale 1."""
+    if isinstance(spec, (tuple, list)):
+        return str(spec[0]), float(spec[1])
+    spec = str(spec)
+    path, sep, tail = spec.rpartition(":")
+    if sep:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass  # a ':' inside the path
+    return spec, 1.0
+
+
+def read(source: str | Path) -> Adapter:
+    """An adapter from a patchflow adapter file or a LoRA run directory (its EMA adapters)."""
+    source = Path(source)
+    if source.is_dir():
+        cfg = load_run_config(source)
+        if not cfg.lora.enabled:
+            raise ConfigError(f"--lora {source}: a run directory without adapters (lora.rank = 0); give an "
+                              f"adapter file or a LoRA run")
+        path = source / "ema.safetensors"
+        return adapter_from_config(load_weights(path), cfg.lora, cfg.model.arch)
+    return read_adapter(source)
+
+
+def run_weights(run_dir: Path, cfg, model: nn.Module, path: Path) -> tuple[dict, Path]:
+    """The state dict a run samples with and the file that identifies its base: `path` itself for a full run; for
+    a LoRA run its base (train.init_from, checked against the recorded hash) with the adapters of `path` merged in.
+    `model` is a fresh model of the run's config (the base is loaded into it)."""
+    if not cfg.lora.enabled:
+        return load_weights(path), path
+    base = load_start(cfg.kind.video, model, cfg.train.init_from)
+    check_base(cfg.lora, base, f"the LoRA run {run_dir}")
+    return merge(model.state_dict(), [(load_weights(path), cfg.lora.scale)]), base
+
+
+def stack(weights: dict, loras, base: Path, arch: str) -> dict:
+    """`weights` with each (source, strength) of `loras` merged in; an adapter trained on another base (another
+    arch or weights hash) is refused."""
+    digest = None
+    for spec in loras:
+        source, strength = parse_spec(spec)
+        adapter = read(source)
+        if adapter.arch and adapter.arch != arch:
+            raise ConfigError(f"--lora {source}: an adapter for model.arch = {adapter.arch!r}, this run is {arch!r}")
+        if adapter.base_hash:
+            digest = digest or hash_files([base])
+            if adapter.base_hash != digest:
+                raise ConfigError(f"--lora {source}: trained on another base (sha256 {adapter.base_hash[:12]}...), "
+                                  f"not on {base} ({digest[:12]}...)")
+        try:
+            weights = merge(weights, [(adapter.weights, adapter.scale * strength)])
+        except ValueError as e:
+            raise ConfigError(f"--lora {source}: {e}") from None
+    return weights
+
+
+def merge_run(run_dir: str | Path, loras, out: str | Path) -> Path:
+    """A standalone run directory at `out`: RUN's sampling weights with the adapters baked in (EMA and raw weights
+    alike), its config with lora.rank = 0, its codec and class names copied."""
+    from patchflow.models import build_model
+
+    run_dir, out = Path(run_dir), Path(out)
+    cfg = load_run_config(run_dir)
+    if cfg.kind.codec:
+        raise ConfigError(f"{run_dir} is a codec run; adapters are for diffusion runs")
+    if (out / "config.toml").exists():
+        raise FileExistsError(f"{out} already holds a run; pick another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("ema.safetensors", "model.safetensors"):
+        path = run_dir / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: train the run first")
+        weights, base = run_weights(run_dir, cfg, build_model(cfg.model), path)
+        atomic_save_safetensors(stack(weights, loras, base, cfg.model.arch), out / name)
+    for name in ("codec", "classes.json"):
+        if (run_dir / name).is_dir():
+            shutil.copytree(run_dir / name, out / name, dirs_exist_ok=True)
+        elif (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, out / name)
+    merged = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, rank=0, base_hash=""))
+    atomic_write_text(out / "config.toml", merged.to_toml())
+    return out
