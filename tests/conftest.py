@@ -1,3 +1,4 @@
+import atexit
 import os
 import shutil
 import sys
@@ -9,8 +10,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # one cache for the whole session (the digit classifier, codec presets, latents, text embeddings), never the user's
-# ~/.cache
-os.environ.setdefault("PATCHFLOW_CACHE", tempfile.mkdtemp(prefix="patchflow-test-cache-"))
+# ~/.cache; removed when the session ends (subprocesses inherit the variable and leave it alone)
+if "PATCHFLOW_CACHE" not in os.environ:
+    os.environ["PATCHFLOW_CACHE"] = tempfile.mkdtemp(prefix="patchflow-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["PATCHFLOW_CACHE"], ignore_errors=True)
 SESSION_CACHE = Path(os.environ["PATCHFLOW_CACHE"])
 
 
