@@ -39,14 +39,19 @@ class LoRALinear(nn.Linear):
         return F.linear(x, self.weight, self.bias) + self.lora_up(self.lora_down(self.dropout(x))) * self.scale
 
 
+def _inside(name: str) -> str:
+    """A layer's name inside its block ("blocks.3.attn.qkv" -> "attn.qkv"); a layer outside blocks keeps its own."""
+    m = _IN_BLOCK.match(name)
+    return m.group(2) if m else name
+
+
 def matches(name: str, targets, blocks) -> bool:
     """Whether Linear `name` is a target: a pattern matches its full name or its name inside its block, and
     with `blocks` given it must sit in one of them."""
     m = _IN_BLOCK.match(name)
     if blocks and (m is None or int(m.group(1)) not in blocks):
         return False
-    names = (name, m.group(2)) if m else (name,)
-    return any(fnmatch.fnmatchcase(n, t) for t in targets for n in names)
+    return any(fnmatch.fnmatchcase(n, t) for t in targets for n in {name, _inside(name)})
 
 
 def target_names(model: nn.Module, targets, blocks=()) -> list[str]:
@@ -62,9 +67,8 @@ def target_names(model: nn.Module, targets, blocks=()) -> list[str]:
     for t in targets:
         if not any(matches(n, [t], blocks) for n in linears):
             where = f" in blocks {list(blocks)}" if blocks else ""
-            shown = sorted({(_IN_BLOCK.match(n) or re.match("(.*)", n)).groups()[-1] for n in linears})
             raise ConfigError(f"lora.targets pattern {t!r} matches no Linear layer{where}; layers are: "
-                              f"{', '.join(shown)}")
+                              f"{', '.join(sorted({_inside(n) for n in linears}))}")
     return chosen
 
 
