@@ -44,31 +44,40 @@ def read(source: str | Path) -> Adapter:
     return read_adapter(source)
 
 
-def run_weights(run_dir: Path, cfg, model: nn.Module, path: Path) -> tuple[dict, Path]:
-    """The state dict a run samples with and the file that identifies its base: `path` itself for a full run; for
-    a LoRA run its base (train.init_from, checked against the recorded hash) with the adapters of `path` merged in.
-    `model` is a fresh model of the run's config (the base is loaded into it)."""
+@dataclasses.dataclass
+class Base:
+    """The weights file a run's model stands on: the run's own for a full run, train.init_from's for a LoRA run;
+    its sha256 is computed once, when an adapter asks (a LoRA run's was computed by the hash check)."""
+    path: Path
+    digest: str = ""
+
+    def sha256(self) -> str:
+        self.digest = self.digest or hash_files([self.path])
+        return self.digest
+
+
+def run_weights(run_dir: Path, cfg, model: nn.Module, path: Path) -> tuple[dict, Base]:
+    """The state dict a run samples with and the base it stands on: `path` itself for a full run; for a LoRA run
+    its base (train.init_from, checked against the recorded hash) with the adapters of `path` merged in. `model`
+    is a fresh model of the run's config (the base is loaded into it)."""
     if not cfg.lora.enabled:
-        return load_weights(path), path
+        return load_weights(path), Base(path)
     base = load_start(cfg.kind.video, model, cfg.train.init_from)
-    check_base(cfg.lora, base, f"the LoRA run {run_dir}")
-    return merge(model.state_dict(), [(load_weights(path), cfg.lora.scale)]), base
+    digest = check_base(cfg.lora, base, f"the LoRA run {run_dir}")
+    return merge(model.state_dict(), [(load_weights(path), cfg.lora.scale)]), Base(base, digest)
 
 
-def stack(weights: dict, loras, base: Path, arch: str) -> dict:
+def stack(weights: dict, loras, base: Base, arch: str) -> dict:
     """`weights` with each (source, strength) of `loras` merged in; an adapter trained on another base (another
     arch or weights hash) is refused."""
-    digest = None
     for spec in loras:
         source, strength = parse_spec(spec)
         adapter = read(source)
         if adapter.arch and adapter.arch != arch:
             raise ConfigError(f"--lora {source}: an adapter for model.arch = {adapter.arch!r}, this run is {arch!r}")
-        if adapter.base_hash:
-            digest = digest or hash_files([base])
-            if adapter.base_hash != digest:
-                raise ConfigError(f"--lora {source}: trained on another base (sha256 {adapter.base_hash[:12]}...), "
-                                  f"not on {base} ({digest[:12]}...)")
+        if adapter.base_hash and adapter.base_hash != base.sha256():
+            raise ConfigError(f"--lora {source}: trained on another base (sha256 {adapter.base_hash[:12]}...), "
+                              f"not on {base.path} ({base.digest[:12]}...)")
         try:
             weights = merge(weights, [(adapter.weights, adapter.scale * strength)])
         except ValueError as e:

@@ -130,7 +130,8 @@ class Trainer:
         self.objective = objective_for_run(cfg)
         text = inputs.text_cache(cfg, setup.text_encoder, self.dataset, self.dist, progress)
         self.conditioning = build_conditioning(cfg, self.device, text_encoder=text)
-        self.opt = adamw([p for p in self.model.parameters() if p.requires_grad], lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        self.opt = adamw([p for p in self.model.parameters() if p.requires_grad], lr=t.lr, betas=t.betas,
+                         weight_decay=t.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, functools.partial(
             lr_factor, steps=t.steps, warmup_steps=t.warmup_steps, schedule=t.lr_schedule,
             decay_steps=t.lr_decay_steps, final=t.lr_final))
@@ -140,8 +141,9 @@ class Trainer:
         self.bad_streak = 0  # ... of which the latest ones in a row
         self.meter = Meter(cfg, self.forward_macs, self.peak_flops, self.dist, self.device,
                            timed=bool(getattr(self.objective, "t_max", None)))
-        base = split_adapter(split_projector(self.net.state_dict())[0])[0] if self.lora else None
-        self.previews = Previews(cfg, self.out, self.device, self.codec, self.conditioning, base=base)
+        # a LoRA run's frozen base weights: what checkpoints leave out, and previews merge the adapters into
+        self.base = split_adapter(split_projector(self.net.state_dict())[0])[0] if self.lora else None
+        self.previews = Previews(cfg, self.out, self.device, self.codec, self.conditioning, base=self.base)
         if resume:
             self._restore()
         if self.main:
@@ -186,7 +188,7 @@ class Trainer:
         else:
             weights = load_weights(ckpt / "model.safetensors")
             if self.lora:  # the checkpoint holds the adapters; the base was read from train.init_from
-                weights = {**split_adapter(split_projector(self.net.state_dict())[0])[0], **weights}
+                weights = {**self.base, **weights}
             if self.aligned:
                 weights.update(load_weights(ckpt / "repa.safetensors"))
             load_into(self.net, weights, source=str(ckpt / "model.safetensors"))
