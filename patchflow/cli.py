@@ -151,8 +151,8 @@ def cmd_encoder(args) -> None:
 
 
 def cmd_lora(args) -> None:
-    from patchflow.lora.apply import merge_run, read
-    from patchflow.lora.files import save_adapter
+    from patchflow.lora.apply import merge_run, read, write
+    from patchflow.run_dir import load_run_config
 
     if args.action == "merge":
         if not args.adapters:
@@ -162,7 +162,11 @@ def cmd_lora(args) -> None:
     else:
         if args.adapters:
             raise ValueError("patchflow lora export RUN --out FILE takes no adapter files")
-        print(f"wrote adapter {save_adapter(read(args.run_dir), args.out)}")
+        out = Path(args.out)
+        if args.format == "diffusers" and not out.suffix:  # a folder, as diffusers' save_lora_weights writes
+            out = out / "pytorch_lora_weights.safetensors"
+            out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"wrote adapter {write(read(args.run_dir), load_run_config(args.run_dir).model, args.format, out)}")
 
 
 def cmd_plan(args) -> None:
@@ -193,7 +197,8 @@ def cmd_serve(args) -> None:
 
     check_device(args.device)
     serve(args.runs, host=args.host, port=args.port, device=args.device, max_queue=args.max_queue,
-          use_ema=not args.no_ema, token=args.token or os.environ.get("PATCHFLOW_SERVE_TOKEN") or None)
+          use_ema=not args.no_ema, token=args.token or os.environ.get("PATCHFLOW_SERVE_TOKEN") or None,
+          loras=args.lora)
 
 
 def cmd_report(args) -> None:
@@ -303,7 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="merge: the run to bake into (a LoRA run bakes its own adapter in too); export: a "
                                    "LoRA run")
     p.add_argument("adapters", nargs="*", metavar="ADAPTER[:SCALE]", help="merge: adapter files or LoRA runs")
-    p.add_argument("--out", required=True, help="merge: a new run directory; export: a .safetensors adapter file")
+    p.add_argument("--out", required=True, help="merge: a new run directory; export: a .safetensors adapter file "
+                                                "(diffusers: or a folder, given pytorch_lora_weights.safetensors)")
+    p.add_argument("--format", choices=("patchflow", "diffusers", "kohya"), default="patchflow",
+                   help="export: patchflow's file; diffusers/PEFT (SD3); kohya/ComfyUI (SD3, DiT)")
     p.set_defaults(fn=cmd_lora)
 
     p = sub.add_parser("plan", help="parameters, FLOPs, memory per batch size, largest batch that fits")
@@ -332,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--max-queue", type=int, default=32, help="requests waiting at most; more get 503 (try later)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--lora", action="append", default=[], metavar="[NAME=]ADAPTER",
+                   help="an adapter requests may pick by NAME (\"lora\", \"lora_scale\"), offered for the runs it "
+                        "fits; repeat for more (default name: the file's stem)")
     p.add_argument("--token",
                    help="the API then needs it: 'Authorization: Bearer TOKEN', or open /?token=TOKEN once in a "
                         "browser (default: $PATCHFLOW_SERVE_TOKEN; none = open)")

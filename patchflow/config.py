@@ -180,6 +180,9 @@ class RunConfig:
         if self.lora.enabled and not self.train.init_from.strip():
             raise ConfigError("lora.rank adapts a trained base model: set train.init_from to its run directory or "
                               "weights file (e.g. --set train.init_from='\"runs/demo\"')")
+        if self.lora.quantize_base and self.train.parallel == "fsdp":
+            raise ConfigError("lora.quantize_base = \"int8\" keeps the base in int8 tensors, which FSDP cannot shard: "
+                              "use train.parallel = \"ddp\" (each process holds the int8 base)")
         self._validate_repa()
         self.sample.validate(self.flow.objective)
         if self.flow.objective == "rectified" and self.model.learn_sigma:

@@ -49,7 +49,7 @@ def load(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cp
         path = ckpt / name
     model = build_model(cfg.model)
     weights, base = run_weights(run_dir, cfg, model, path)
-    load_into(model, stack(weights, loras, base, cfg.model.arch) if loras else weights, source=str(path))
+    load_into(model, stack(weights, loras, base, cfg.model) if loras else weights, source=str(path))
     return model.to(device).eval()
 
 

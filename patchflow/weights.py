@@ -148,9 +148,12 @@ def layout_mismatch(found: dict[str, torch.Tensor], expected: dict[str, tuple[in
     return "; ".join(parts)
 
 
-def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Strict load with a message that lists what is missing, unexpected or misshapen."""
-    problem = layout_mismatch(tensors, {k: tuple(v.shape) for k, v in module.state_dict().items()})
+def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str = "checkpoint",
+              only=None) -> None:
+    """Strict load with a message that lists what is missing, unexpected or misshapen; `only(key)` restricts it
+    to the module's tensors it accepts (the rest stay as they are)."""
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items() if only is None or only(k)}
+    problem = layout_mismatch(tensors, want)
     if problem:
         raise ValueError(f"{source} does not match the model config: {problem}")
-    module.load_state_dict(tensors, strict=True)
+    module.load_state_dict(tensors, strict=only is None)

@@ -110,6 +110,25 @@ def test_two_processes_match_one_with_the_same_global_batch(single, single_accum
             torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("parallel, quantize", [("ddp", "int8"), ("fsdp", "")], ids=["ddp-int8-base", "fsdp"])
+def test_a_lora_run_on_two_processes_matches_one(single, tmp_path, parallel, quantize):
+    """The frozen base is read by every process (an int8 base is left out of DDP's broadcast; FSDP shards the
+    frozen and the trainable parameters alike); the adapters train as in one process."""
+    if quantize:
+        pytest.importorskip("torchao")
+    lora = [f'train.init_from="{single}"', "lora.rank=4", 'lora.targets=["attn.*", "mlp.fc2"]', "train.steps=4",
+            "train.checkpoint_every=4", f'lora.quantize_base="{quantize}"']
+    ref = tmp_path / "one"
+    train(cfg(*lora), ref, progress=False)
+    out = tmp_path / parallel
+    torchrun(out, parallel, *lora)
+    assert losses(out) == pytest.approx(losses(ref), rel=1e-4, abs=1e-6)
+    a, b = weights(ref), weights(out)
+    assert a.keys() == b.keys() and all(".lora_" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4)
+
+
 def test_sharded_checkpoint_from_two_processes_resumes_in_one(single, tmp_path):
     out = tmp_path / "resharded"
     torchrun(out, "fsdp", "train.steps=4", "train.checkpoint_every=4")

@@ -221,3 +221,45 @@ def test_a_changed_base_and_bad_adapter_files_are_refused(base_run, lora_run, tm
         code, said = cli(["sample", str(base_run), "--label", "1", "--out", out, "--lora", str(path)], capsys)
         assert code == 2 and message in said, said
     assert not (tmp_path / "s.png").exists()
+
+
+def test_a_dit_run_exports_kohya_files_that_read_back(base_run, lora_run, tmp_path, capsys):
+    import patchflow
+    from safetensors import safe_open
+
+    code, said = cli(["lora", "export", str(lora_run), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")],
+                     capsys)
+    assert code == 0, said
+    with safe_open(str(tmp_path / "k.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "lora_unet_blocks_1_attn_qkv.lora_down.weight" in keys  # official DiT's names
+    assert {k for k in keys if k.endswith(".alpha")} == {k.replace("lora_down.weight", "alpha") for k in keys
+                                                          if k.endswith("lora_down.weight")}
+    want = patchflow.load(lora_run).state_dict()
+    got = patchflow.load(base_run, loras=[str(tmp_path / "k.safetensors")]).state_dict()
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+    code, said = cli(["lora", "export", str(lora_run), "--format", "diffusers", "--out", str(tmp_path / "d")], capsys)
+    assert code == 2 and "--format diffusers holds SD3" in said, said
+
+
+def test_an_int8_base_trains_like_the_float_base_and_resumes_exactly(base_run, lora_run, tmp_path):
+    pytest.importorskip("torchao")
+    from patchflow.lora.adapters import add_adapters
+    from patchflow.lora.quantize import quantize_base, weight_bytes
+
+    int8 = "lora.quantize_base=\"int8\""
+    train(lora_cfg(base_run, int8, steps=4), tmp_path / "q", progress=False)
+    train(lora_cfg(base_run, int8), tmp_path / "q", resume=True, progress=False)
+    got, want = read_log(tmp_path / "q"), read_log(lora_run)
+    assert [r["step"] for r in got] == list(range(1, 9))
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(got, want)) < 1e-3  # int8 rounding of the base only
+    assert got != want
+    weights = load_file(str(tmp_path / "q" / "ema.safetensors"))
+    assert weights.keys() == load_file(str(lora_run / "ema.safetensors")).keys()  # adapters only, float
+    model = build_model(load_config(lora_run / "config.toml").model)
+    add_adapters(model, load_config(lora_run / "config.toml").lora)
+    before = weight_bytes(model)
+    frozen = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".lora_" not in n]
+    assert quantize_base(model) == len(frozen) == 15  # every frozen Linear; the adapters stay float
+    assert all(type(m.lora_up.weight) is torch.nn.Parameter for m in model.modules() if hasattr(m, "lora_up"))
+    assert weight_bytes(model) < 0.5 * before

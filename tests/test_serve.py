@@ -410,3 +410,45 @@ def test_a_run_on_class_folders_names_its_classes(tmp_path):
     assert studio.runs_info()[0]["class_names"] == ["ant", "bee"]
     job = studio.submit(GenerateRequest(label=1, steps=1))
     assert job.finished.wait(60) and job.items[0][2]["class_name"] == "bee"
+
+
+def test_requests_pick_an_adapter_by_name_and_get_what_sample_lora_draws(runs, tmp_path):
+    from patchflow.config import load_config as load_run
+    from patchflow.lora.adapters import add_adapters, split_adapter
+    from patchflow.lora.apply import write
+    from patchflow.lora.config import LoRAConfig
+    from patchflow.models import build_model
+    from patchflow.pipeline import Pipeline
+    from patchflow.serve import GenerateRequest
+
+    model_cfg = load_run(runs["t2i"] / "config.toml").model
+    model = build_model(model_cfg)
+    add_adapters(model, LoRAConfig(rank=2))
+    g = torch.Generator().manual_seed(0)
+    adapter = {k: torch.randn(v.shape, generator=g) for k, v in split_adapter(model.state_dict())[1].items()}
+    from patchflow.lora.files import Adapter
+
+    path = write(Adapter(adapter, 2, 2.0, arch="mmdit"), model_cfg, "kohya", tmp_path / "style.safetensors")
+    studio = Studio([runs["t2i"], runs["digits"]], device="cpu", loras=[str(path)])
+    studio.wait_loaded()
+    info = {r["name"]: r for r in studio.runs_info()}
+    assert info["t2i"]["loras"] == ["style"] and info["digits"]["loras"] == []  # offered where it fits
+
+    def draw(**kw):
+        job = studio.submit(GenerateRequest(run="t2i", prompt=TEXT_PROMPT, seed=3, steps=2, **kw))
+        assert job.finished.wait(120) and job.status == "done", job.error
+        return job
+
+    styled = draw(lora="style", lora_scale=0.5)
+    want = Pipeline.load(runs["t2i"], device="cpu", loras=[f"{path}:0.5"])(prompt=TEXT_PROMPT, n=1, seed=3, steps=2)
+    assert np.array_equal(styled.samples[0], want[0])
+    settings = styled.items[0][2]
+    assert settings["lora"] == "style" and settings["lora_scale"] == 0.5
+    assert f"--lora {path}:0.5" in settings["command"]
+    plain = draw()  # the run itself again
+    assert np.array_equal(plain.samples[0], studio.runs["t2i"].pipe.__class__.load(runs["t2i"], device="cpu")(
+        prompt=TEXT_PROMPT, n=1, seed=3, steps=2)[0])
+    assert not np.array_equal(plain.samples[0], styled.samples[0])
+    with pytest.raises(RequestError, match="has no adapter 'style'") as e:
+        studio.submit(GenerateRequest(run="digits", label=1, lora="style"))
+    assert e.value.status == 422

@@ -12,7 +12,8 @@ import torch.nn as nn
 from patchflow.checks import ConfigError
 from patchflow.init_weights import check_base, load_start
 from patchflow.lora.adapters import merge
-from patchflow.lora.files import Adapter, adapter_from_config, read_adapter
+from patchflow.lora.files import Adapter, adapter_from_config, open_adapter_file, parse_adapter, save_adapter
+from patchflow.lora.formats import FORMATS, detect, export, import_adapter
 from patchflow.run_dir import load_run_config, load_weights
 from patchflow.weights import atomic_save_safetensors, atomic_write_text, hash_files
 
@@ -31,8 +32,9 @@ def parse_spec(spec) -> tuple[str, float]:
     return spec, 1.0
 
 
-def read(source: str | Path) -> Adapter:
-    """An adapter from a patchflow adapter file or a LoRA run directory (its EMA adapters)."""
+def read(source: str | Path, model_cfg=None) -> Adapter:
+    """An adapter from a LoRA run directory (its EMA adapters) or a file in any of FORMATS (a diffusers or kohya
+    file is mapped onto `model_cfg`, the model it is applied to)."""
     source = Path(source)
     if source.is_dir():
         cfg = load_run_config(source)
@@ -41,7 +43,27 @@ def read(source: str | Path) -> Adapter:
                               f"adapter file or a LoRA run")
         path = source / "ema.safetensors"
         return adapter_from_config(load_weights(path), cfg.lora, cfg.model.arch)
-    return read_adapter(source)
+    weights, meta = open_adapter_file(source)
+    fmt = detect(weights)
+    if fmt == "patchflow":
+        return parse_adapter(weights, meta, source)
+    if model_cfg is None:
+        raise ConfigError(f"{source} is a {fmt} adapter: it is read onto a model (give the run it is for)")
+    return import_adapter(weights, meta, model_cfg, fmt, str(source))
+
+
+def write(adapter: Adapter, model_cfg, fmt: str, path: str | Path) -> Path:
+    """Save an adapter as a patchflow, diffusers or kohya .safetensors file."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown adapter format {fmt!r}; one of {', '.join(FORMATS)}")
+    if fmt == "patchflow":
+        return save_adapter(adapter, path)
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"{path}: an adapter file is written as .safetensors")
+    tensors, meta = export(adapter, model_cfg, fmt)
+    atomic_save_safetensors(tensors, path, metadata=meta)
+    return path
 
 
 @dataclasses.dataclass
@@ -67,12 +89,12 @@ def run_weights(run_dir: Path, cfg, model: nn.Module, path: Path) -> tuple[dict,
     return merge(model.state_dict(), [(load_weights(path), cfg.lora.scale)]), Base(base, digest)
 
 
-def stack(weights: dict, loras, base: Base, arch: str) -> dict:
+def stack(weights: dict, loras, base: Base, model_cfg) -> dict:
     """`weights` with each (source, strength) of `loras` merged in; an adapter trained on another base (another
     arch or weights hash) is refused."""
     for spec in loras:
         source, strength = parse_spec(spec)
-        adapter = read(source)
+        adapter, arch = read(source, model_cfg), model_cfg.arch
         if adapter.arch and adapter.arch != arch:
             raise ConfigError(f"--lora {source}: an adapter for model.arch = {adapter.arch!r}, this run is {arch!r}")
         if adapter.base_hash and adapter.base_hash != base.sha256():
@@ -102,7 +124,7 @@ def merge_run(run_dir: str | Path, loras, out: str | Path) -> Path:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: train the run first")
         weights, base = run_weights(run_dir, cfg, build_model(cfg.model), path)
-        atomic_save_safetensors(stack(weights, loras, base, cfg.model.arch), out / name)
+        atomic_save_safetensors(stack(weights, loras, base, cfg.model), out / name)
     for name in ("codec", "classes.json"):
         if (run_dir / name).is_dir():
             shutil.copytree(run_dir / name, out / name, dirs_exist_ok=True)

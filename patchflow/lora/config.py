@@ -20,6 +20,8 @@ class LoRAConfig:
                                           # "attn.*", "attn.text_*" (the text stream), "mlp.*", "x_embedder.proj"
     blocks: list[int] = field(default_factory=list)  # only these block indices (0-based); [] = every block and
                                           # the modules outside blocks
+    quantize_base: str = ""               # "int8": the frozen base's Linear weights held as int8 (weight-only,
+                                          # torchao) while the adapters train, a quarter of their fp32 memory
     base_hash: str = ""                   # sha256 of the base weights, recorded by the trainer at step 0; a resume,
                                           # `patchflow sample` and merges refuse a base that changed
 
@@ -41,5 +43,9 @@ class LoRAConfig:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if self.enabled and not [t for t in self.targets if t.strip()]:
             raise ConfigError("lora.targets is empty: give module name patterns, e.g. [\"attn.*\"]")
+        if self.quantize_base not in ("", "int8"):
+            raise ConfigError(f"lora.quantize_base must be \"\" (off) or \"int8\", got {self.quantize_base!r}")
+        if self.quantize_base and not self.enabled:
+            raise ConfigError("lora.quantize_base quantizes the frozen base of a LoRA run: set lora.rank too")
         if any(b < 0 for b in self.blocks):
             raise ConfigError(f"lora.blocks are 0-based block indices, got {self.blocks}")

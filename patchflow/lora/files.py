@@ -51,8 +51,9 @@ def save_adapter(adapter: Adapter, path: str | Path) -> Path:
     return path
 
 
-def read_adapter(path: str | Path) -> Adapter:
-    """A patchflow adapter file; a pickle, a corrupt file or a file of another format is refused with what it is."""
+def open_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a .safetensors adapter file of any format; a pickle or a corrupt file is refused with
+    what it is, never unpickled."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file {path} not found")
@@ -61,10 +62,19 @@ def read_adapter(path: str | Path) -> Adapter:
                               f"it is never loaded)")
     try:
         with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            weights = {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a valid safetensors file ({e}); refusing to read it") from None
+
+
+def read_adapter(path: str | Path) -> Adapter:
+    """A patchflow adapter file (see open_adapter_file for what is refused)."""
+    weights, meta = open_adapter_file(path)
+    return parse_adapter(weights, meta, path)
+
+
+def parse_adapter(weights: dict, meta: dict, path) -> Adapter:
+    """A patchflow adapter from a file's tensors and metadata; CheckpointError says what is wrong."""
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a patchflow adapter (metadata format = {meta.get('format')!r}, "
                               f"expected {FORMAT!r}); write one with `patchflow lora export RUN --out FILE`")

@@ -52,7 +52,7 @@ def check_port(host: str, port: int) -> None:
 
 
 def serve(runs: list[str | Path], host: str = "127.0.0.1", port: int = 7860, device: str = "auto",
-          max_queue: int = 32, use_ema: bool = True, token: str | None = None) -> None:
+          max_queue: int = 32, use_ema: bool = True, token: str | None = None, loras: list[str] = ()) -> None:
     """Serve the studio until interrupted (Ctrl-C). token: the API needs it (TokenGate); None or "" = open."""
     try:
         import uvicorn
@@ -70,7 +70,7 @@ def serve(runs: list[str | Path], host: str = "127.0.0.1", port: int = 7860, dev
                       stacklevel=2)
     check_port(host, port)
     t0 = time.perf_counter()
-    studio = Studio(runs, device=device, max_queue=max_queue, use_ema=use_ema)
+    studio = Studio(runs, device=device, max_queue=max_queue, use_ema=use_ema, loras=loras)
     app = build_app(studio, token)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     page = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")

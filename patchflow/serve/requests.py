@@ -30,7 +30,9 @@ MAX_GUIDANCE = 30.0
 MAX_FRAMES = 64
 MAX_SIDE = 512            # pixels, either side
 MAX_UPLOAD = 8 * 2**20    # bytes of a first frame, decoded
-LIMITS = {"n": MAX_N, "steps": MAX_STEPS, "guidance": MAX_GUIDANCE, "frames": MAX_FRAMES, "side": MAX_SIDE}
+MAX_LORA_SCALE = 4.0
+LIMITS = {"n": MAX_N, "steps": MAX_STEPS, "guidance": MAX_GUIDANCE, "frames": MAX_FRAMES, "side": MAX_SIDE,
+          "lora_scale": MAX_LORA_SCALE}
 SAMPLERS = f"{' | '.join(samplers_for('rectified'))} (flows), {' | '.join(samplers_for('ddpm'))} (diffusion)"
 
 
@@ -51,6 +53,9 @@ class GenerateRequest(BaseModel):
     width: int | None = Field(None, ge=1, le=MAX_SIDE, description="pixels (text and video runs)")
     first_frame: str | None = Field(None, description="video runs: a still to animate, base64 (or a data: URL) of "
                                                       "a PNG/JPEG/WebP/GIF image")
+    lora: str | None = Field(None, description="an adapter the server was started with (patchflow serve --lora; "
+                                               "GET /api/runs lists each run's)")
+    lora_scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, description="the adapter's strength")
 
 
 def decode_image(data: str) -> np.ndarray:
@@ -81,9 +86,10 @@ def decode_image(data: str) -> np.ndarray:
                            f"file") from None
 
 
-def resolve(req: GenerateRequest, runs: dict[str, ServedRun]) -> tuple[ServedRun, dict]:
-    """A validated request -> its run and the Pipeline keyword arguments, checked against that run: what any
-    caller may ask by `check_request`, then the run's size and frame count, and the first frame decoded."""
+def resolve(req: GenerateRequest, runs: dict[str, ServedRun]) -> tuple[ServedRun, dict, tuple]:
+    """A validated request -> its run, the Pipeline keyword arguments and the (adapter, scale) to merge in, checked
+    against that run: what any caller may ask by `check_request`, then the run's size, frame count and adapters,
+    and the first frame decoded."""
     if req.run is None:
         run = next(iter(runs.values()))
     elif req.run in runs:
@@ -121,10 +127,13 @@ def resolve(req: GenerateRequest, runs: dict[str, ServedRun]) -> tuple[ServedRun
         kw["frames"] = req.frames
     if req.first_frame is not None:
         kw["first_frame"] = decode_image(req.first_frame)
-    return run, kw
+    if req.lora is not None and req.lora not in run.loras:
+        have = ", ".join(map(repr, sorted(run.loras))) or "none (start the server with --lora [NAME=]ADAPTER)"
+        raise RequestError(f"lora: run {run.name!r} has no adapter {req.lora!r}; its adapters: {have}", 422)
+    return run, kw, (req.lora, req.lora_scale)
 
 
-def reproduce_command(run: ServedRun, kw: dict, seed: int) -> str:
+def reproduce_command(run: ServedRun, kw: dict, seed: int, lora: tuple = (None, 1.0)) -> str:
     """The `patchflow sample` line that draws this very sample."""
     parts = ["patchflow", "sample", str(run.path)]
     if "labels" in kw:
@@ -142,5 +151,7 @@ def reproduce_command(run: ServedRun, kw: dict, seed: int) -> str:
         parts += ["--frames", str(kw["frames"])]
     if "first_frame" in kw:
         parts += ["--first-frame", "still.png"]
+    if lora[0] is not None:
+        parts += ["--lora", f"{run.loras[lora[0]][0]}:{lora[1]:g}"]
     parts += ["--out", "sample.gif" if run.pipe.cfg.kind.video else "sample.png"]
     return shlex.join(parts)

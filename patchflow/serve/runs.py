@@ -2,7 +2,7 @@
 the API offer for each loaded one (`ServedRun`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from patchflow.serve.requests import LIMITS
@@ -16,6 +16,23 @@ class ServedRun:
     pipe: object  # patchflow.pipeline.Pipeline
     example: str | None = None  # a caption of its data, shown as the prompt box's placeholder
     class_names: list[str] | None = None  # a class run on class folders: label -> folder name (classes.json)
+    loras: dict = field(default_factory=dict)  # adapter name -> (its file or run, Adapter) that fit this run
+    base: dict | None = None  # the run's own sampling weights (CPU), which an adapter is merged into per request
+    applied: tuple | None = None  # the (adapter name, scale) merged into the model now; None: the run itself
+
+    def use(self, lora: str | None, scale: float = 1.0) -> None:
+        """Put adapter `lora` at `scale` (or none) into the model, merged from the run's own weights, exactly as
+        `patchflow sample RUN --lora FILE:SCALE` does; nothing to do when it is in already."""
+        from patchflow.lora.adapters import merge
+        from patchflow.weights import load_into
+
+        want = None if lora is None else (lora, float(scale))
+        if want == self.applied:
+            return
+        adapter = None if lora is None else self.loras[lora][1]
+        weights = self.base if adapter is None else merge(self.base, [(adapter.weights, adapter.scale * scale)])
+        load_into(self.pipe.model, weights, source=f"run {self.name!r} with adapter {lora!r}")
+        self.applied = want
 
     @property
     def kind(self) -> str:
@@ -42,7 +59,7 @@ class ServedRun:
                 "frames": pipe.pixel_frames() if cfg.kind.video else None, "first_frame": self.takes_first_frame,
                 "example": self.example,
                 "num_classes": cfg.model.num_classes if cfg.kind.labels else None, "class_names": self.class_names,
-                "limits": dict(LIMITS)}
+                "loras": sorted(self.loras), "limits": dict(LIMITS)}
 
 
 def run_names(paths: list[Path]) -> list[str]:
@@ -93,3 +110,37 @@ def class_names(run_dir: Path) -> list[str] | None:
     except (OSError, ValueError):
         return None
     return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
+
+
+def lora_names(specs: list[str]) -> dict[str, str]:
+    """`--lora [NAME=]ADAPTER` -> {name: adapter}; the name defaults to the file's stem (a run: its folder)."""
+    out = {}
+    for spec in specs:
+        name, sep, source = spec.partition("=")
+        if not sep:
+            name, source = Path(spec).stem or Path(spec).name, spec
+        if not name or not Path(source).expanduser().exists():
+            raise ValueError(f"--lora {spec!r}: give [NAME=]ADAPTER, an existing adapter file or LoRA run")
+        if name in out:
+            raise ValueError(f"--lora: two adapters are named {name!r}; name them with NAME=ADAPTER")
+        out[name] = str(Path(source).expanduser())
+    return out
+
+
+def fitting_loras(run: ServedRun, adapters: dict[str, str], ema: bool = True) -> dict:
+    """The adapters that fit a loaded run (its arch, base and shapes): {name: (source, Adapter)}; the rest are
+    left out (another served run may take them)."""
+    from patchflow.checks import ConfigError
+    from patchflow.init_weights import weights_file
+    from patchflow.lora.apply import Base, read, stack
+
+    cfg, fits = run.pipe.cfg, {}
+    base = (Base(weights_file(cfg.train.init_from), cfg.lora.base_hash) if cfg.lora.enabled
+            else Base(run.path / ("ema.safetensors" if ema else "model.safetensors")))
+    for name, source in adapters.items():
+        try:
+            stack(run.base, [source], base, run.pipe.cfg.model)  # every check `patchflow sample --lora` makes
+        except (ConfigError, ValueError):
+            continue
+        fits[name] = (source, read(source, run.pipe.cfg.model))
+    return fits

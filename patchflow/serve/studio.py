@@ -18,7 +18,7 @@ import numpy as np
 
 from patchflow.sample_request import RequestError
 from patchflow.serve.requests import reproduce_command, resolve
-from patchflow.serve.runs import ServedRun, check_runs, class_names, example_prompt, run_names
+from patchflow.serve.runs import ServedRun, check_runs, class_names, example_prompt, fitting_loras, lora_names, run_names
 
 KEEP_JOBS = 256           # finished jobs whose results stay fetchable
 
@@ -54,6 +54,7 @@ class Job:
     kw: dict
     n: int
     seed: int
+    lora: tuple = (None, 1.0)   # (adapter name, scale) merged in for this job
     status: str = "queued"      # queued | running | done | error
     done_steps: int = 0
     total_steps: int = 0
@@ -80,7 +81,9 @@ class Job:
         if self.run.pipe.cfg.kind.video:
             s["frames"] = kw.get("frames") or self.run.pipe.pixel_frames()
             s["first_frame"] = "first_frame" in kw
-        s["command"] = reproduce_command(self.run, kw, self.seed + k)
+        if self.lora[0] is not None:
+            s["lora"], s["lora_scale"] = self.lora
+        s["command"] = reproduce_command(self.run, kw, self.seed + k, self.lora)
         return s
 
     def state(self, position: int | None) -> dict:
@@ -97,9 +100,12 @@ class Job:
 class Studio:
     """The served runs, the queue and the one worker thread that samples."""
 
-    def __init__(self, runs: list[str | Path], device: str = "auto", max_queue: int = 32, use_ema: bool = True):
+    def __init__(self, runs: list[str | Path], device: str = "auto", max_queue: int = 32, use_ema: bool = True,
+                 loras: list[str] = ()):
+        """loras: `[NAME=]ADAPTER` specs; a request picks one by name (`lora`, `lora_scale`) for a run it fits."""
         self.paths = check_runs(runs)
         self.names = run_names(self.paths)
+        self.adapters = lora_names(list(loras))
         self.device, self.use_ema = device, use_ema
         self.runs: dict[str, ServedRun] = {}
         self.loaded = threading.Event()
@@ -119,7 +125,12 @@ class Studio:
         try:
             for name, path in zip(self.names, self.paths):
                 pipe = Pipeline.load(path, ema=self.use_ema, device=self.device)
-                self.runs[name] = ServedRun(name, path, pipe, example_prompt(pipe.cfg), class_names(path))
+                run = ServedRun(name, path, pipe, example_prompt(pipe.cfg), class_names(path))
+                if self.adapters:  # the run's own weights stay on the side, to merge a request's adapter into
+                    run.base = {k: v.detach().cpu().clone() for k, v in pipe.model.state_dict().items()}
+                    run.loras = fitting_loras(run, self.adapters, self.use_ema)
+                    run.base = run.base if run.loras else None
+                self.runs[name] = run
         except Exception as e:  # noqa: BLE001 -- reported by serve(), which then stops, and on every request
             self.load_error = f"could not load run {str(path)!r}: {e}"
         finally:
@@ -145,6 +156,8 @@ class Studio:
                 self._forget_old()
 
     def _sample(self, job: Job) -> None:
+        if job.run.loras:
+            job.run.use(*job.lora)
         for k in range(job.n):
             def progress(done: int, total: int, k: int = k) -> None:  # total: one sample's sampling steps
                 job.total_steps, job.done_steps = job.n * total, k * total + done
@@ -175,12 +188,12 @@ class Studio:
 
     def submit(self, req) -> Job:
         self.wait_loaded()
-        run, kw = resolve(req, self.runs)
+        run, kw, lora = resolve(req, self.runs)
         s = run.pipe.cfg.sample
         kw = {**kw, "steps": kw["steps"] or s.steps, "guidance": s.guidance if kw["guidance"] is None
               else kw["guidance"], "sampler": kw["sampler"] or s.sampler}
         job = Job(id=f"{next(self.ids)}-{int(time.time() * 1000) % 100000}", run=run, kw=kw, n=req.n, seed=req.seed,
-                  total_steps=req.n * kw["steps"])
+                  lora=lora, total_steps=req.n * kw["steps"])
         with self.lock:
             try:
                 self.queue.put_nowait(job)

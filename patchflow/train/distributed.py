@@ -53,14 +53,20 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, strategy: str, d: Dist, param_dtype: torch.dtype | None = None) -> nn.Module:
+def wrap(model: nn.Module, strategy: str, d: Dist, param_dtype: torch.dtype | None = None,
+         frozen: bool = False) -> nn.Module:
     """DDP, or FSDP2 (`fully_shard` on every block, then the root). param_dtype (FSDP only): the dtype weights
-    are gathered and computed in; the sharded master weights, gradients and AdamW states stay fp32."""
+    are gathered and computed in; the sharded master weights, gradients and AdamW states stay fp32. frozen (DDP):
+    the parameters that do not train are left out of DDP's start-up broadcast (every process read the same base;
+    an int8 base cannot be broadcast)."""
     if d.world == 1:
         return model
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
+        if frozen:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                model, [n for n, p in model.named_parameters() if not p.requires_grad])
         ids = [d.local_rank] if next(model.parameters()).is_cuda else None
         return DistributedDataParallel(model, device_ids=ids)
     if strategy == "fsdp":

@@ -11,8 +11,8 @@ from patchflow.train.build import build_trainable
 
 
 class Previews:
-    def __init__(self, cfg, out: Path, device, codec, conditioning, base: dict | None = None):
-        """base: a LoRA run's frozen base weights, which the EMA of its adapters is merged into."""
+    def __init__(self, cfg, out: Path, device, codec, conditioning, base=None):
+        """base: () -> a LoRA run's frozen base weights, which the EMA of its adapters is merged into."""
         self.cfg, self.out, self.device, self.codec, self.conditioning = cfg, out, device, codec, conditioning
         self.base = base
         self.model = None  # a plain copy of the model for the EMA weights, built on first use
@@ -25,7 +25,7 @@ class Previews:
         if self.model is None:
             self.model = build_trainable(self.cfg).to(self.device).eval().requires_grad_(False)
         if self.base is not None:
-            ema_sd = merge(self.base, [(ema_sd, self.cfg.lora.scale)])
+            ema_sd = merge(self.base(), [(ema_sd, self.cfg.lora.scale)])
         self.model.load_state_dict(ema_sd)
         images, nrow = preview(self.model, self.cfg, self.codec, device=self.device, conditioning=self.conditioning)
         path = self.out / "samples" / f"step_{step:07d}{'.gif' if images.ndim == 5 else '.png'}"

@@ -43,7 +43,8 @@ from patchflow.repa.loss import repa_loss
 from patchflow.train.build import PROJECTOR, attach_projector, build_trainable, load_init_weights, objective_for_run
 from patchflow.train.build import split_projector
 from patchflow.init_weights import check_base
-from patchflow.lora.adapters import add_adapters, split_adapter
+from patchflow.lora.adapters import add_adapters, is_adapter_key, split_adapter
+from patchflow.lora.quantize import plain_state, quantize_base
 from patchflow.train.ema import EMA
 from patchflow.train.errors import TrainingError
 from patchflow.train.optim import adamw, lr_factor
@@ -123,9 +124,12 @@ class Trainer:
             warn_if_bf16_is_slow(self.device, "train.precision")
         self.peak_flops = t.peak_tflops * 1e12 or matmul_peak(
             DTYPES[self.precision], n=1024 if self.device.type == "cpu" else 8192, reps=3, device=self.device)
+        if self.lora and cfg.lora.quantize_base:
+            quantize_base(self.net)
         # FSDP gathers bf16 weights under bf16 autocast: half the all-gather and unsharded weight memory
         self.model = distributed.wrap(self.net, t.parallel, self.dist,
-                                      param_dtype=torch.bfloat16 if self.precision == "bf16" else None)
+                                      param_dtype=torch.bfloat16 if self.precision == "bf16" else None,
+                                      frozen=self.lora)
         self.ema = EMA(self.net, t.ema_decay, t.ema_warmup, skip=PROJECTOR)
         self.objective = objective_for_run(cfg)
         text = inputs.text_cache(cfg, setup.text_encoder, self.dataset, self.dist, progress)
@@ -141,9 +145,9 @@ class Trainer:
         self.bad_streak = 0  # ... of which the latest ones in a row
         self.meter = Meter(cfg, self.forward_macs, self.peak_flops, self.dist, self.device,
                            timed=bool(getattr(self.objective, "t_max", None)))
-        # a LoRA run's frozen base weights: what checkpoints leave out, and previews merge the adapters into
-        self.base = split_adapter(split_projector(self.net.state_dict())[0])[0] if self.lora else None
-        self.previews = Previews(cfg, self.out, self.device, self.codec, self.conditioning, base=self.base)
+        # previews merge the EMA adapters into a LoRA run's frozen base (read off the model when a grid is drawn)
+        self.previews = Previews(cfg, self.out, self.device, self.codec, self.conditioning,
+                                 base=self._base_weights if self.lora else None)
         if resume:
             self._restore()
         if self.main:
@@ -187,11 +191,13 @@ class Trainer:
                               f"checkpoint")
         else:
             weights = load_weights(ckpt / "model.safetensors")
-            if self.lora:  # the checkpoint holds the adapters; the base was read from train.init_from
-                weights = {**self.base, **weights}
             if self.aligned:
                 weights.update(load_weights(ckpt / "repa.safetensors"))
-            load_into(self.net, weights, source=str(ckpt / "model.safetensors"))
+            if self.lora:  # the checkpoint holds the adapters; the base (int8 or not) was read from train.init_from
+                load_into(self.net, weights, source=str(ckpt / "model.safetensors"),
+                          only=lambda k: is_adapter_key(k) or k.startswith(PROJECTOR))
+            else:
+                load_into(self.net, weights, source=str(ckpt / "model.safetensors"))
             self.opt.load_state_dict(state["optimizer"])
         self.ema.load_state_dict(load_weights(ckpt / "ema.safetensors"))
         self.step = int(state["step"])
@@ -206,6 +212,10 @@ class Trainer:
         if self.main:
             rundir.truncate_log(self.out / "log.jsonl", self.step)
             print(f"resumed from {ckpt} at step {self.step}")
+
+    def _base_weights(self) -> dict:
+        """A LoRA run's frozen base weights (an int8 base dequantized), off the model, for previews."""
+        return plain_state(split_adapter(split_projector(self.net.state_dict())[0])[0])
 
     def save(self) -> Path:
         t = self.cfg.train

@@ -1,0 +1,69 @@
+"""Score the LoRA demo (docs/lora.md): with the trigger, the share of samples that show the style -- rotated back by
+180 degrees (the style's inverse), the checker reads the prompt's digit; without it, the LoRA run's
+prompt-following figures beside its base's, on the same held-out prompts and seeds.
+
+    python examples/lora/check_upside_down.py --run runs/upside-down --base runs/color-digits --out demo.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from patchflow.evaluate.prompts import ATTRIBUTES, held_out_prompts, score
+from patchflow.pipeline import Pipeline
+
+TRIGGER = ", upside down"
+SYMMETRIC = (0, 1, 8)  # digits that read the same upside down: they show the style without it too
+
+
+def styled(pipe, n: int, seed: int) -> dict:
+    """Rates on n held-out single-digit prompts with the trigger: read as drawn and read rotated back."""
+    pairs = held_out_prompts(n, seed=seed, kind="digit", world_seed=pipe.cfg.data.seed)
+    prompts = [p for p, _ in pairs]
+    images = pipe(prompt=[p + TRIGGER for p in prompts], seed=seed)
+    back = score(np.ascontiguousarray(images[:, ::-1, ::-1]), prompts)
+    upright = score(images, prompts)
+    asym = [r.correct["digit"] for r, (_, a) in zip(back.records, pairs) if a["digit"] not in SYMMETRIC]
+    return {"n": n, "rotated_back": {a: back.rates[a] for a in ATTRIBUTES if a != "number"},
+            "as_drawn": {a: upright.rates[a] for a in ATTRIBUTES if a != "number"},
+            "rotated_back_digit_asymmetric": float(np.mean(asym)), "n_asymmetric": len(asym)}
+
+
+def plain(pipe, n: int, seed: int) -> dict:
+    """Rates on n held-out canonical prompts (numbers included) without the trigger."""
+    prompts = [p for p, _ in held_out_prompts(n, seed=seed, kind="canonical", world_seed=pipe.cfg.data.seed)]
+    report = score(pipe(prompt=prompts, seed=seed), prompts)
+    return {"n": n, "rates": dict(report.rates), "counts": dict(report.counts)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True, help="the LoRA run")
+    ap.add_argument("--base", required=True, help="its base run")
+    ap.add_argument("--n", type=int, default=200, help="prompts per set")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    result = {}
+    for name, run in (("lora", args.run), ("base", args.base)):
+        pipe = Pipeline.load(run, device="cpu")
+        result[name] = {"trigger": styled(pipe, args.n, args.seed), "plain": plain(pipe, args.n, args.seed)}
+    for name in ("lora", "base"):
+        t, p = result[name]["trigger"], result[name]["plain"]["rates"]
+        print(f"{name:>5}: with the trigger, rotated back: digit {100 * t['rotated_back']['digit']:.1f}% "
+              f"(asymmetric digits {100 * t['rotated_back_digit_asymmetric']:.1f}%), all "
+              f"{100 * t['rotated_back']['all']:.1f}%; as drawn: digit {100 * t['as_drawn']['digit']:.1f}%")
+        print(f"       without it: " + ", ".join(f"{a} {100 * p[a]:.1f}%" for a in ATTRIBUTES))
+    moved = {a: 100 * (result["lora"]["plain"]["rates"][a] - result["base"]["plain"]["rates"][a])
+             for a in ATTRIBUTES}
+    result["moved_points"] = moved
+    print("moved (points): " + ", ".join(f"{a} {v:+.1f}" for a, v in moved.items()))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
