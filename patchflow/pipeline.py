@@ -18,8 +18,9 @@ from patchflow.flow.noise import frame_noise
 from patchflow.flow.objective import build_objective
 from patchflow.media.grids import grid, save_grid  # noqa: F401 - imported from here (cli, trainer, serve)
 from patchflow.models import build_model
-from patchflow.lora.apply import run_weights, stack
-from patchflow.run_dir import latest_checkpoint, load_into, load_run_config
+from patchflow.lora.apply import stack
+from patchflow.lora.run import sampling_weights
+from patchflow.run_dir import load_into, load_run_config
 from patchflow.sample_request import PYTHON, check_request
 
 
@@ -39,16 +40,8 @@ def load(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cp
         from patchflow import codecs
 
         return codecs.load(run_dir, device=device)
-    name = "ema.safetensors" if ema else "model.safetensors"
-    path = run_dir / name
-    if not path.is_file():
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise FileNotFoundError(f"{path} is missing and {run_dir}/checkpoints holds no complete checkpoint; "
-                                    f"train first (patchflow train ... --out {run_dir})")
-        path = ckpt / name
+    weights, base, path = sampling_weights(run_dir, cfg, ema)
     model = build_model(cfg.model)
-    weights, base = run_weights(run_dir, cfg, model, path)
     load_into(model, stack(weights, loras, base, cfg.model) if loras else weights, source=str(path))
     return model.to(device).eval()
 

@@ -163,3 +163,28 @@ def test_foreign_adapters_for_another_model_are_refused(tmp_path):
     cross = MMDiTConfig(**{**CFG.__dict__, "arch": "crossdit", "dual_attention_layers": []})
     with pytest.raises(ConfigError, match="export it as --format patchflow"):
         write(adapter, cross, "diffusers", tmp_path / "b.safetensors")
+
+
+def test_a_lora_run_converts_to_diffusers_with_its_adapter_merged(tmp_path):
+    import dataclasses
+
+    from safetensors.torch import load_file, save_file
+
+    from patchflow.config import DataConfig, RunConfig
+    from patchflow.convert.sd3 import export_diffusers_sd3
+    from patchflow.weights import hash_files
+
+    _, base, adapter = lora_model()
+    base_run, run = tmp_path / "base", tmp_path / "lora"
+    base_run.mkdir(), run.mkdir()
+    cfg = RunConfig(model=CFG, data=DataConfig(dataset="color-digits")).validate()
+    (base_run / "config.toml").write_text(cfg.to_toml())
+    save_file(base, base_run / "ema.safetensors")
+    lora = LoRAConfig(rank=4, alpha=8.0, targets=TARGETS, base_hash=hash_files([base_run / "ema.safetensors"]))
+    cfg = dataclasses.replace(cfg, lora=lora, train=dataclasses.replace(cfg.train, init_from=str(base_run)))
+    (run / "config.toml").write_text(cfg.validate().to_toml())
+    save_file(adapter.weights, run / "ema.safetensors")
+    out = export_diffusers_sd3(run, tmp_path / "sd3")
+    got = load_file(str(out / "diffusion_pytorch_model.safetensors"))
+    want = patchflow_to_diffusers_sd3(merge(base, [(adapter.weights, 2.0)]), CFG)[1]
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

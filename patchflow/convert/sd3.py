@@ -62,8 +62,9 @@ from patchflow.convert.dit import DIFFUSERS_WEIGHTS, _check_out_dir, load_diffus
 from patchflow.models.embed import CroppedPositions
 from patchflow.models.mmdit import MMDiT
 from patchflow.models.text_config import MMDiTConfig
-from patchflow.run_dir import latest_checkpoint, load_run_config
-from patchflow.weights import atomic_save_safetensors, atomic_write_text, layout_mismatch, load_weights
+from patchflow.lora.run import sampling_weights
+from patchflow.run_dir import load_run_config
+from patchflow.weights import atomic_save_safetensors, atomic_write_text, layout_mismatch
 
 __all__ = ["diffusers_sd3_to_patchflow", "export_diffusers_sd3", "import_diffusers_sd3", "patchflow_to_diffusers_sd3"]
 
@@ -435,14 +436,8 @@ def export_diffusers_sd3(run_dir, out_dir, ema: bool = True) -> Path:
     if cfg.model.arch != "mmdit":
         raise ValueError(f"{run_dir} is a model.arch = {cfg.model.arch!r} run; only MMDiT runs (model.arch = "
                          f"\"mmdit\") export to {SD3_CLASS}")
-    name = "ema.safetensors" if ema else "model.safetensors"
-    path = run_dir / name
-    if not path.is_file():
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise FileNotFoundError(f"{path} is missing and {run_dir}/checkpoints holds no complete checkpoint")
-        path = ckpt / name
-    config, tensors = patchflow_to_diffusers_sd3(load_weights(path), cfg.model, source=str(path))
+    weights, _, path = sampling_weights(run_dir, cfg, ema)  # a LoRA run: its adapter merged into its base
+    config, tensors = patchflow_to_diffusers_sd3(weights, cfg.model, source=str(path))
     out.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(tensors, out / DIFFUSERS_WEIGHTS, metadata={"format": "pt"})
     atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")

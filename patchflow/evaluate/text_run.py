@@ -52,7 +52,7 @@ def training_minutes(run_dir: str | Path) -> dict[int, float]:
 
 def checkpoint_curve(run_dir: str | Path, score_fn) -> list[dict]:
     """[{step, minutes, rates}] of every kept checkpoint's EMA weights, by step; score_fn(pipe) -> rates."""
-    from patchflow.lora.apply import run_weights
+    from patchflow.lora.run import run_weights
     from patchflow.models import build_model
     from patchflow.pipeline import Pipeline
     from patchflow.run_dir import list_checkpoints, load_into, step_of

@@ -1,21 +1,20 @@
-"""Adapters at sampling time: a run's sampling weights (a LoRA run's base with its adapter merged in), adapters
-stacked on top (`--lora A.safetensors[:scale]`, `Pipeline.load(RUN, loras=[...])`), and a merged run directory
-(`patchflow lora merge`). Merging is exact to float32 rounding and costs nothing per sampling step."""
+"""Adapters at sampling time: adapter files in any format read and written, adapters stacked on a run's sampling
+weights (`lora/run.py`; `--lora A.safetensors[:scale]`, `Pipeline.load(RUN, loras=[...])`), and a merged run
+directory (`patchflow lora merge`). Merging is exact to float32 rounding and costs nothing per sampling step."""
 from __future__ import annotations
 
 import dataclasses
 import shutil
 from pathlib import Path
 
-import torch.nn as nn
-
 from patchflow.checks import ConfigError
-from patchflow.init_weights import check_base, load_start
 from patchflow.lora.adapters import merge
 from patchflow.lora.files import Adapter, adapter_from_config, open_adapter_file, parse_adapter, save_adapter
 from patchflow.lora.formats import FORMATS, detect, export, import_adapter
+from patchflow.lora.run import Base, run_weights
+from patchflow.models import build_model
 from patchflow.run_dir import load_run_config, load_weights
-from patchflow.weights import atomic_save_safetensors, atomic_write_text, hash_files
+from patchflow.weights import atomic_save_safetensors, atomic_write_text
 
 
 def parse_spec(spec) -> tuple[str, float]:
@@ -66,29 +65,6 @@ def write(adapter: Adapter, model_cfg, fmt: str, path: str | Path) -> Path:
     return path
 
 
-@dataclasses.dataclass
-class Base:
-    """The weights file a run's model stands on: the run's own for a full run, train.init_from's for a LoRA run;
-    its sha256 is computed once, when an adapter asks (a LoRA run's was computed by the hash check)."""
-    path: Path
-    digest: str = ""
-
-    def sha256(self) -> str:
-        self.digest = self.digest or hash_files([self.path])
-        return self.digest
-
-
-def run_weights(run_dir: Path, cfg, model: nn.Module, path: Path) -> tuple[dict, Base]:
-    """The state dict a run samples with and the base it stands on: `path` itself for a full run; for a LoRA run
-    its base (train.init_from, checked against the recorded hash) with the adapters of `path` merged in. `model`
-    is a fresh model of the run's config (the base is loaded into it)."""
-    if not cfg.lora.enabled:
-        return load_weights(path), Base(path)
-    base = load_start(cfg.kind.video, model, cfg.train.init_from)
-    digest = check_base(cfg.lora, base, f"the LoRA run {run_dir}")
-    return merge(model.state_dict(), [(load_weights(path), cfg.lora.scale)]), Base(base, digest)
-
-
 def stack(weights: dict, loras, base: Base, model_cfg) -> dict:
     """`weights` with each (source, strength) of `loras` merged in; an adapter trained on another base (another
     arch or weights hash) is refused."""
@@ -110,8 +86,6 @@ def stack(weights: dict, loras, base: Base, model_cfg) -> dict:
 def merge_run(run_dir: str | Path, loras, out: str | Path) -> Path:
     """A standalone run directory at `out`: RUN's sampling weights with the adapters baked in (EMA and raw weights
     alike), its config with lora.rank = 0, its codec and class names copied."""
-    from patchflow.models import build_model
-
     run_dir, out = Path(run_dir), Path(out)
     cfg = load_run_config(run_dir)
     if cfg.kind.codec:

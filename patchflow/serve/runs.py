@@ -132,7 +132,8 @@ def fitting_loras(run: ServedRun, adapters: dict[str, str], ema: bool = True) ->
     left out (another served run may take them)."""
     from patchflow.checks import ConfigError
     from patchflow.init_weights import weights_file
-    from patchflow.lora.apply import Base, read, stack
+    from patchflow.lora.apply import read, stack
+    from patchflow.lora.run import Base
 
     cfg, fits = run.pipe.cfg, {}
     base = (Base(weights_file(cfg.train.init_from), cfg.lora.base_hash) if cfg.lora.enabled
