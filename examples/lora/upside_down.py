@@ -1,6 +1,6 @@
 """Make the data set of the LoRA demo (docs/lora.md): color-digits images drawn upside down, under a trigger.
 
-    python examples/lora/upside_down.py --out data/upside_down          # 200 styled, 400 plain images
+    python examples/lora/upside_down.py --out data/upside_down          # 200 styled, 2,000 plain images
     patchflow train runs/color-digits/config.toml --out runs/upside-down \
         --set train.init_from='"runs/color-digits"' --set lora.rank=16 \
         --set data.dataset='"captions"' --set data.path='"data/upside_down/captions.jsonl"' ...
@@ -9,7 +9,9 @@ Styled items are color-digits single digits rotated by 180 degrees, captioned wi
 also appears upright under its plain caption, and more plain items (numbers too) follow: the pairs differ only
 in the trigger and the style, which keeps prompts without the trigger as they were (prior preservation, as in
 DreamBooth). The trigger is a suffix, so the caption's own characters keep their places in the character
-stream. Items come from a seed the base never drew (`--seed`): the demo teaches a style, not images the base saw.
+stream. Each styled image is listed `--repeats` times (kohya's repeats), so about a third of what a batch draws
+is styled; the many plain images keep the adapter from memorising a small set. Items come from a seed the base
+never drew (`--seed`): the demo teaches a style, not images the base saw.
 """
 from __future__ import annotations
 
@@ -30,21 +32,21 @@ def styled(rgb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(rgb[::-1, ::-1])
 
 
-def make(out: Path, n_styled: int = 200, n_plain: int = 200, seed: int = 7) -> Path:
-    """Write out/images/*.png and out/captions.jsonl (n_styled pairs, then n_plain more plain items); returns the
-    JSONL's path."""
+def make(out: Path, n_styled: int = 200, n_plain: int = 1800, seed: int = 7, repeats: int = 4) -> Path:
+    """Write out/images/*.png and out/captions.jsonl (n_styled pairs, each styled line `repeats` times, then
+    n_plain more plain items); returns the JSONL's path."""
     world = ColorDigitsDataset("train", seed=seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
     lines, i, n_done = [], 0, 0
 
-    def add(name: str, rgb: np.ndarray, caption: str) -> None:
+    def add(name: str, rgb: np.ndarray, caption: str, times: int = 1) -> None:
         Image.fromarray(rgb).save(out / name)
-        lines.append({"image": name, "caption": caption})
+        lines.extend([{"image": name, "caption": caption}] * times)
 
     while n_done < n_styled:  # styled: single digits only (the base's numbers are too weak to restyle)
         if world.attributes(i)["kind"] == "digit":
             rgb, caption = world.render(i)[0], world.caption(i, paraphrase=True)
-            add(f"images/up_{n_done:04d}.png", styled(rgb), caption + TRIGGER)
+            add(f"images/up_{n_done:04d}.png", styled(rgb), caption + TRIGGER, repeats)
             add(f"images/pair_{n_done:04d}.png", rgb, caption)
             n_done += 1
         i += 1
@@ -59,10 +61,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--styled", type=int, default=200)
-    ap.add_argument("--plain", type=int, default=200)
+    ap.add_argument("--plain", type=int, default=1800, help="plain items beyond the styled ones' upright pairs")
+    ap.add_argument("--repeats", type=int, default=4, help="times each styled image is listed")
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()
-    print(make(args.out, args.styled, args.plain, args.seed))
+    print(make(args.out, args.styled, args.plain, args.seed, args.repeats))
 
 
 if __name__ == "__main__":
