@@ -263,3 +263,17 @@ def test_an_int8_base_trains_like_the_float_base_and_resumes_exactly(base_run, l
     assert quantize_base(model) == len(frozen) == 15  # every frozen Linear; the adapters stay float
     assert all(type(m.lora_up.weight) is torch.nn.Parameter for m in model.modules() if hasattr(m, "lora_up"))
     assert weight_bytes(model) < 0.5 * before
+
+
+def test_merging_an_adapter_into_its_full_base_run_bakes_it_into_ema_and_raw_weights(base_run, lora_run, tmp_path,
+                                                                                      capsys):
+    adapter = tmp_path / "a.safetensors"
+    assert cli(["lora", "export", str(lora_run), "--out", str(adapter)], capsys)[0] == 0
+    # the adapter records the hash of the base's EMA file; the raw weights are merged under the same check
+    code, said = cli(["lora", "merge", str(base_run), f"{adapter}:0.5", "--out", str(tmp_path / "m")], capsys)
+    assert code == 0, said
+    delta = load_file(str(lora_run / "ema.safetensors"))
+    for name in ("ema.safetensors", "model.safetensors"):
+        want = merge(load_file(str(base_run / name)), [(delta, 1.0)])  # alpha 8 / rank 4 x 0.5
+        got = load_file(str(tmp_path / "m" / name))
+        assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want), name

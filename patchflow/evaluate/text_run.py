@@ -52,18 +52,19 @@ def training_minutes(run_dir: str | Path) -> dict[int, float]:
 
 def checkpoint_curve(run_dir: str | Path, score_fn) -> list[dict]:
     """[{step, minutes, rates}] of every kept checkpoint's EMA weights, by step; score_fn(pipe) -> rates."""
-    from patchflow.lora.run import run_weights
+    from patchflow.lora.run import lora_base, weights_on
     from patchflow.models import build_model
     from patchflow.pipeline import Pipeline
     from patchflow.run_dir import list_checkpoints, load_into, step_of
 
     pipe = Pipeline.load(run_dir, device="cpu")
     minutes = training_minutes(run_dir)
-    curve = []
+    cfg, curve = pipe.cfg, []
+    # a LoRA run's checkpoints hold adapters: merged into its base, read once
+    base = lora_base(Path(run_dir), cfg, build_model(cfg.model))[0] if cfg.lora.enabled else None
     for ckpt in list_checkpoints(Path(run_dir)):
-        path = ckpt / "ema.safetensors"  # a LoRA run's holds adapters: merged into its base
-        load_into(pipe.model, run_weights(Path(run_dir), pipe.cfg, build_model(pipe.cfg.model), path)[0],
-                  source=str(path))
+        path = ckpt / "ema.safetensors"
+        load_into(pipe.model, weights_on(base, cfg, path), source=str(path))
         step = step_of(ckpt)
         curve.append({"step": step, "minutes": round(minutes.get(step, float("nan")), 2), "rates": score_fn(pipe)})
     return curve

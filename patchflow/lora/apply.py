@@ -11,7 +11,7 @@ from patchflow.checks import ConfigError
 from patchflow.lora.adapters import merge
 from patchflow.lora.files import Adapter, adapter_from_config, open_adapter_file, parse_adapter, save_adapter
 from patchflow.lora.formats import FORMATS, detect, export, import_adapter
-from patchflow.lora.run import Base, run_weights
+from patchflow.lora.run import Base, lora_base, weights_on
 from patchflow.models import build_model
 from patchflow.run_dir import load_run_config, load_weights
 from patchflow.weights import atomic_save_safetensors, atomic_write_text
@@ -65,21 +65,31 @@ def write(adapter: Adapter, model_cfg, fmt: str, path: str | Path) -> Path:
     return path
 
 
+def read_for(source, model_cfg, base: Base) -> Adapter:
+    """An adapter read for a model standing on `base`; one trained on another base (another arch or weights hash)
+    is refused."""
+    adapter, arch = read(source, model_cfg), model_cfg.arch
+    if adapter.arch and adapter.arch != arch:
+        raise ConfigError(f"--lora {source}: an adapter for model.arch = {adapter.arch!r}, this run is {arch!r}")
+    if adapter.base_hash and adapter.base_hash != base.sha256():
+        raise ConfigError(f"--lora {source}: trained on another base (sha256 {adapter.base_hash[:12]}...), "
+                          f"not on {base.path} ({base.digest[:12]}...)")
+    return adapter
+
+
+def add(weights: dict, adapter: Adapter, strength: float, source) -> dict:
+    """`weights` with one adapter merged in at `strength`; ConfigError when its shapes are another model's."""
+    try:
+        return merge(weights, [(adapter.weights, adapter.scale * strength)])
+    except ValueError as e:
+        raise ConfigError(f"--lora {source}: {e}") from None
+
+
 def stack(weights: dict, loras, base: Base, model_cfg) -> dict:
-    """`weights` with each (source, strength) of `loras` merged in; an adapter trained on another base (another
-    arch or weights hash) is refused."""
+    """`weights` with each (source, strength) of `loras` merged in (see read_for for what is refused)."""
     for spec in loras:
         source, strength = parse_spec(spec)
-        adapter, arch = read(source, model_cfg), model_cfg.arch
-        if adapter.arch and adapter.arch != arch:
-            raise ConfigError(f"--lora {source}: an adapter for model.arch = {adapter.arch!r}, this run is {arch!r}")
-        if adapter.base_hash and adapter.base_hash != base.sha256():
-            raise ConfigError(f"--lora {source}: trained on another base (sha256 {adapter.base_hash[:12]}...), "
-                              f"not on {base.path} ({base.digest[:12]}...)")
-        try:
-            weights = merge(weights, [(adapter.weights, adapter.scale * strength)])
-        except ValueError as e:
-            raise ConfigError(f"--lora {source}: {e}") from None
+        weights = add(weights, read_for(source, model_cfg, base), strength, source)
     return weights
 
 
@@ -93,12 +103,15 @@ def merge_run(run_dir: str | Path, loras, out: str | Path) -> Path:
     if (out / "config.toml").exists():
         raise FileExistsError(f"{out} already holds a run; pick another --out")
     out.mkdir(parents=True, exist_ok=True)
+    # adapters are checked against what the EMA weights stand on (the file train.init_from reads), the raw
+    # weights included; a LoRA run's base is loaded and hashed once
+    base, identity = (lora_base(run_dir, cfg, build_model(cfg.model)) if cfg.lora.enabled
+                      else (None, Base(run_dir / "ema.safetensors")))
     for name in ("ema.safetensors", "model.safetensors"):
         path = run_dir / name
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: train the run first")
-        weights, base = run_weights(run_dir, cfg, build_model(cfg.model), path)
-        atomic_save_safetensors(stack(weights, loras, base, cfg.model), out / name)
+        atomic_save_safetensors(stack(weights_on(base, cfg, path), loras, identity, cfg.model), out / name)
     for name in ("codec", "classes.json"):
         if (run_dir / name).is_dir():
             shutil.copytree(run_dir / name, out / name, dirs_exist_ok=True)

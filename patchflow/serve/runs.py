@@ -131,17 +131,16 @@ def fitting_loras(run: ServedRun, adapters: dict[str, str], ema: bool = True) ->
     """The adapters that fit a loaded run (its arch, base and shapes): {name: (source, Adapter)}; the rest are
     left out (another served run may take them)."""
     from patchflow.checks import ConfigError
-    from patchflow.init_weights import weights_file
-    from patchflow.lora.apply import read, stack
-    from patchflow.lora.run import Base
+    from patchflow.lora.apply import add, read_for
+    from patchflow.lora.run import sampling_base
 
     cfg, fits = run.pipe.cfg, {}
-    base = (Base(weights_file(cfg.train.init_from), cfg.lora.base_hash) if cfg.lora.enabled
-            else Base(run.path / ("ema.safetensors" if ema else "model.safetensors")))
+    base = sampling_base(run.path, cfg, ema)
     for name, source in adapters.items():
-        try:
-            stack(run.base, [source], base, run.pipe.cfg.model)  # every check `patchflow sample --lora` makes
+        try:  # every check `patchflow sample --lora` makes
+            adapter = read_for(source, cfg.model, base)
+            add(run.base, adapter, 0.0, source)
         except (ConfigError, ValueError):
             continue
-        fits[name] = (source, read(source, run.pipe.cfg.model))
+        fits[name] = (source, adapter)
     return fits
