@@ -67,12 +67,6 @@ def open_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
         raise CheckpointError(f"{path} is not a valid safetensors file ({e}); refusing to read it") from None
 
 
-def read_adapter(path: str | Path) -> Adapter:
-    """A patchflow adapter file (see open_adapter_file for what is refused)."""
-    weights, meta = open_adapter_file(path)
-    return parse_adapter(weights, meta, path)
-
-
 def parse_adapter(weights: dict, meta: dict, path) -> Adapter:
     """A patchflow adapter from a file's tensors and metadata; CheckpointError says what is wrong."""
     if meta.get("format") != FORMAT:
