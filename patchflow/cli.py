@@ -247,8 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-frame", metavar="IMAGE", help="video runs: animate this still (image-to-video)")
     p.add_argument("--extend", metavar="CLIP", help="video runs: continue this clip (.gif, .mp4 or .npz)")
     p.add_argument("--video-to-video", metavar="CLIP", help="video runs: redraw this clip after the prompt (SDEdit)")
-    p.add_argument("--strength", type=float, help="with --video-to-video: how much is redrawn, in (0, 1] "
-                                                  "(default 0.7)")
+    p.add_argument("--init-image", metavar="IMAGE", help="image runs: edit this image after the prompt or label "
+                                                         "(image-to-image, SDEdit); fitted to --size")
+    p.add_argument("--mask", metavar="MASK", help="with --init-image or --video-to-video: redraw only the white part "
+                                                  "(inpainting, outpainting); a clip of masks gives one per frame")
+    p.add_argument("--strength", type=float, help="with --init-image or --video-to-video: how much is redrawn, in "
+                                                  "[0, 1] (0 keeps the input; default 0.7, 1 with --mask)")
     p.add_argument("--lora", action="append", default=[], metavar="ADAPTER[:SCALE]",
                    help="merge an adapter (a patchflow adapter file or a LoRA run) at this strength (default 1); "
                         "repeat to stack adapters")

@@ -105,7 +105,8 @@ def _check_out(args, cfg, out: Path) -> None:
                 ".png (one row of frames per clip)" if clips else ".png (a grid) or .npz (arrays)"
         raise ValueError(f"--out must end in {kinds}, got {out.name!r}")
     for flag, value in (("--first-frame", args.first_frame), ("--extend", args.extend),
-                        ("--video-to-video", args.video_to_video)):
+                        ("--video-to-video", args.video_to_video), ("--init-image", args.init_image),
+                        ("--mask", args.mask)):
         if value is not None and not Path(value).is_file():
             raise FileNotFoundError(f"{flag} {value!r} does not exist")
 
@@ -119,7 +120,8 @@ def cmd_sample(args) -> None:
     out = Path(args.out)
     cfg = load_run_config(args.run_dir)
     video = {"frames": args.frames, "first_frame": args.first_frame, "extend": args.extend,
-             "video": args.video_to_video, "strength": args.strength}
+             "video": args.video_to_video, "strength": args.strength, "init_image": args.init_image,
+             "mask": args.mask}
     labels, prompts = _targets(args, cfg)
     check_request(cfg, CLI, str(args.run_dir), labels=labels, prompts=prompts, negative=args.negative_prompt,
                   sampler=args.sampler, **video)

@@ -15,7 +15,8 @@ from patchflow.flops import resolve_precision, warn_if_bf16_is_slow
 from patchflow.flow import rectified
 from patchflow.flow.guidance import classifier_free
 from patchflow.flow.noise import frame_noise
-from patchflow.flow.objective import build_objective
+from patchflow.edit import default_strength, latent_keep, read_mask
+from patchflow.flow.objective import build_objective, edit_steps
 from patchflow.media.grids import grid, save_grid  # noqa: F401 - imported from here (cli, trainer, serve)
 from patchflow.models import build_model
 from patchflow.lora.apply import stack
@@ -80,7 +81,7 @@ def generate(model: nn.Module, cfg: RunConfig, targets, *, conditioning=None, ne
              seed: int | None = None, batch_size: int = 64, device: torch.device | None = None,
              progress=False, codec=None, size: tuple[int, int] | None = None, frames: int | None = None,
              context: tuple[torch.Tensor, torch.Tensor] | None = None, init: torch.Tensor | None = None,
-             strength: float = 1.0) -> torch.Tensor:
+             strength: float = 1.0, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Samples (N, C, T, H, W) in the model's units, or decoded to pixels by `codec` when given.
 
     progress: False, True (a tqdm bar) or a callback(done, total) called after every sampling step.
@@ -89,8 +90,9 @@ def generate(model: nn.Module, cfg: RunConfig, targets, *, conditioning=None, ne
     conditioning step; built when None, which loads a text encoder). negative: a negative prompt (text runs).
     size: (H, W) and frames: T in the model's units (latents in a latent run); default the training size.
     Video runs: context = (known (N, C, T, H, W), given (N, T) bool) holds given frames fixed (image-to-video,
-    extension); init (N, C, T, H, W) with strength < 1 starts part-way from a clip (SDEdit). Settings default to
-    cfg.sample. Noise is drawn on the CPU from `seed`, so the same seed gives the same samples on any device.
+    extension). Edits (any run): init (N, C, T, H, W), the encoded input; strength < 1 starts part-way from it
+    (SDEdit, 0 returns it) and keep (N, 1 or C, T, H, W) in [0, 1] holds that share of it (inpainting, see
+    patchflow.edit). Settings default to cfg.sample. Noise is drawn on the CPU from `seed`, so the same seed gives the same samples on any device.
     """
     from patchflow.conditioning import build_conditioning
 
@@ -117,8 +119,8 @@ def generate(model: nn.Module, cfg: RunConfig, targets, *, conditioning=None, ne
     if frames < 1 or frames % pt:
         raise ValueError(f"frames = {frames} (in the model's units) must be a positive multiple of the temporal "
                          f"patch {pt}")
-    if (context is not None or init is not None) and cfg.flow.objective != "rectified":
-        raise ValueError("given frames and SDEdit need a rectified-flow run")
+    if context is not None and cfg.flow.objective != "rectified":
+        raise ValueError("given frames need a rectified-flow run")
     flow = cfg.flow
     if (size is not None or frames != m.frames) and flow.objective == "rectified":
         flow = dataclasses.replace(flow, shift=sampling_shift(cfg, (frames // pt, height // p, width // p)))
@@ -129,10 +131,14 @@ def generate(model: nn.Module, cfg: RunConfig, targets, *, conditioning=None, ne
     for name, given in (("context", context[0] if context is not None else None), ("init", init)):
         if given is not None and tuple(given.shape) != tuple(noise.shape):
             raise ValueError(f"{name} has shape {tuple(given.shape)}, the samples {tuple(noise.shape)}")
+    if keep is not None and (keep.ndim != 5 or keep.shape[0] != n or keep.shape[1] not in (1, m.in_channels)
+                             or tuple(keep.shape[2:]) != tuple(noise.shape[2:])):
+        raise ValueError(f"keep has shape {tuple(keep.shape)}; the samples are {tuple(noise.shape)} (channels 1 or "
+                         f"{m.in_channels})")
     step_generator = torch.Generator(device).manual_seed(seed + 1)  # ancestral noise of stochastic samplers
     out = []
     bar = None
-    total = (steps if strength >= 1 else max(1, round(steps * strength))) * ((n + batch_size - 1) // batch_size)
+    total = edit_steps(steps, strength) * ((n + batch_size - 1) // batch_size)
     if callable(progress):  # a caller's callback(done, total), e.g. a web page's progress bar
         bar = StepCallback(progress, total)
     elif progress:
@@ -151,6 +157,8 @@ def generate(model: nn.Module, cfg: RunConfig, targets, *, conditioning=None, ne
             extra["context"] = (context[0][part].to(device), context[1][part].to(device))
         if init is not None:
             extra.update(init=init[part].to(device), strength=strength)
+        if keep is not None:
+            extra["keep"] = keep[part].to(device)
         with autocast:  # the model runs in bf16; the sampler's state x stays fp32
             x = objective.sample(fn, noise[part].to(device), steps, sampler, progress=bar, generator=step_generator,
                                  **extra)
@@ -160,56 +168,6 @@ def generate(model: nn.Module, cfg: RunConfig, targets, *, conditioning=None, ne
     if bar is not None:
         bar.close()
     return torch.cat(out)
-
-
-def preview_prompts(cfg: RunConfig, n: int = 30) -> list[str]:
-    """Fixed prompts a text run shows while it trains: the canonical captions of the first held-out items of a
-    built-in world, else the first training captions."""
-    from patchflow.data import build_dataset, item_text
-
-    try:
-        data = build_dataset(dataclasses.replace(cfg.data, paraphrases=False), "val", text=True)
-    except ValueError:  # caption files have no validation split
-        data = build_dataset(cfg.data, "train", text=True)
-    return [item_text(data, i) for i in range(min(n, len(data)))]
-
-
-@torch.inference_mode()
-def preview(model: nn.Module, cfg: RunConfig, codec=None, device: torch.device | None = None,
-            conditioning=None) -> tuple[np.ndarray, int]:
-    """What a run shows while it trains: (uint8 (N, H, W, C) images, images per row); a video run: clips
-    (N, T, H, W, C) of 16 held-out prompts, 4 per row.
-
-    A class run: samples, one column per class (decoded by `codec` in a latent run). A text run: samples of fixed
-    held-out prompts (`preview_prompts`). A codec run: held-out items (rows of originals) above their
-    reconstructions; clips show one frame per column.
-    """
-    if cfg.kind.prompts:
-        video = cfg.kind.video
-        x = generate(model, cfg, preview_prompts(cfg, 16 if video else 30), conditioning=conditioning, device=device,
-                     codec=codec)
-        return (to_uint8(x), 4) if video else (to_uint8(x)[:, 0], 10)
-    if cfg.kind.labels:
-        m = cfg.model
-        rows = max(1, min(10, 100 // m.num_classes))
-        x = generate(model, cfg, torch.arange(m.num_classes).repeat(rows), conditioning=conditioning, device=device,
-                     codec=codec)
-        return to_uint8(x)[:, 0], m.num_classes
-    from patchflow.data import build_dataset
-
-    try:
-        data = build_dataset(cfg.data, "val")
-    except ValueError:  # folders have no validation split
-        data = build_dataset(cfg.data, "train")
-    frames = data[0][0].shape[1]
-    n = min(len(data), 10 if frames == 1 else 4)
-    x = torch.stack([data[int(i)][0] for i in np.linspace(0, len(data) - 1, n)]).to(device or "cpu")  # spread out
-    recon = model.codec.decode(model.codec.encode(x))
-    if frames == 1:  # a row of originals, a row of reconstructions
-        return to_uint8(torch.cat([x, recon]))[:, 0], n
-    pairs = torch.stack([x, recon], dim=1).flatten(0, 1)  # clip 0, its reconstruction, clip 1, ...
-    images = to_uint8(pairs)  # (2n, T, H, W, C)
-    return images.reshape(-1, *images.shape[2:]), frames
 
 
 class Pipeline:
@@ -253,7 +211,7 @@ class Pipeline:
                  steps: int | None = None, guidance: float | None = None, seed: int | None = None,
                  sampler: str | None = None, size: tuple[int, int] | None = None, output: str = "np",
                  progress=False, frames: int | None = None, first_frame=None, extend=None, video=None,
-                 strength: float = 0.7, keyframe: bool | None = None):
+                 strength: float | None = None, keyframe: bool | None = None, init_image=None, mask=None):
         """labels: an int (repeated n times) or a list of ints (class runs). prompt: a string (repeated n times)
         or a list of strings (text runs); negative_prompt replaces the empty prompt of guidance. size: (H, W) in
         pixels, default the training size. output: 'np' (uint8 (N, H, W, C)) or 'pil' (a list of images).
@@ -267,18 +225,30 @@ class Pipeline:
         in (0, 1] (SDEdit: how much of the schedule re-runs; 1 ignores the clip). Frames of another size are
         resized with a warning (clip_files.fit_frame). keyframe (default sample.keyframe): text-to-video draws frame
         0 first as a one-frame clip, then animates it.
+
+        Editing (patchflow.edit): init_image, an image (path, PIL or (H, W, 3) / (N, H, W, 3) uint8) to start from
+        (image runs; clips give video=), fitted to `size` (default the training size) with a warning; strength in
+        [0, 1], how much of the schedule re-runs (0 returns the input's codec round trip, 1 ignores it; default
+        edit.DEFAULT_STRENGTH, 1 with a mask); mask (white = redraw; an image, or a clip of one per frame; a list
+        gives one per sample): only the masked part is redrawn, the rest held at the input (inpainting,
+        outpainting).
         """
         if output not in ("np", "pil"):
             raise ConfigError(f"output must be 'np' or 'pil', got {output!r}")
         labels, prompts = self.targets(labels, prompt, n)
         check_request(self.cfg, PYTHON, "this run", labels=labels, prompts=prompts, negative=negative_prompt,
                       sampler=sampler, frames=frames, first_frame=first_frame, extend=extend, video=video,
-                      strength=strength if video is not None else None)
+                      strength=strength, init_image=init_image, mask=mask)
+        strength = default_strength(mask) if strength is None else strength
         targets = prompts if self.cfg.kind.prompts else torch.as_tensor(labels, dtype=torch.long)
         common = dict(conditioning=self.conditioning, negative=negative_prompt, steps=steps, guidance=guidance,
                       sampler=sampler, seed=seed, progress=progress, codec=self.codec, size=self.model_size(size))
         if not self.is_video:
-            x = to_uint8(generate(self.model, self.cfg, targets, **common))
+            if init_image is not None:
+                still = self._pixels(init_image, "init_image", self.pixel_size(size), clip=False)[:, None]
+                x = to_uint8(self._edited(targets, still, mask, strength, "init_image", common))
+            else:
+                x = to_uint8(generate(self.model, self.cfg, targets, **common))
             if x.shape[1] > 1:  # a class-conditional DiT on clips (model.frames > 1): whole clips
                 return [[Image.fromarray(f) for f in clip] for clip in x] if output == "pil" else x
             images = x[:, 0]  # images are the first (only) frame
@@ -286,7 +256,7 @@ class Pipeline:
                 return [Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im) for im in images]
             return images
         keyframe = self.cfg.sample.keyframe if keyframe is None else keyframe
-        clips = self._video(targets, common, frames, first_frame, extend, video, strength, size, keyframe)
+        clips = self._video(targets, common, frames, first_frame, extend, video, strength, size, keyframe, mask)
         if output == "pil":
             return [[Image.fromarray(f) for f in clip] for clip in clips]
         return clips
@@ -341,19 +311,44 @@ class Pipeline:
         return np.stack([fit_frame(f, size, name=what) for f in a])
 
     def _encode(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 (N, T, H, W, 3) -> model inputs (N, C, T', h, w)."""
+        """uint8 (N, T, H, W, 3) -> model inputs (N, C, T', h, w); grey (ITU-R 601 luma) for one-channel runs."""
         device = next(self.model.parameters()).device
+        channels = self.cfg.model.in_channels if self.codec is None else self.codec.in_channels
+        if channels == 1:
+            frames = np.round(frames @ np.array([0.299, 0.587, 0.114]))[..., None].astype(np.uint8)
         x = torch.from_numpy(frames).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
         return x if self.codec is None else self.codec.to(device).encode(x)
 
-    def _video(self, targets, common, frames, first_frame, extend, video, strength, size, keyframe) -> np.ndarray:
+    def _edited(self, targets, pixels: np.ndarray, mask, strength: float, what: str, common: dict,
+                **extra) -> torch.Tensor:
+        """The edit of uint8 inputs `pixels` (1 or N, T, H, W, 3) under `mask` -> pixels (N, C, T, H, W) in [-1, 1]. Outside
+        the mask the latents are held at the input's; a codec's decoder spills across the mask's edge, so there the
+        pixels are the input's round trip too."""
+        n = len(targets)
+        if len(pixels) not in (1, n):
+            raise ValueError(f"{what}: {len(pixels)} inputs for {n} samples; give one, or one per sample")
+        z = self._encode(pixels).cpu()
+        init, keep = z.expand(n, -1, -1, -1, -1), None
+        if mask is not None:
+            masks = list(mask) if isinstance(mask, (list, tuple)) else [mask]  # a list: one mask per sample
+            if len(masks) not in (1, n):
+                raise ValueError(f"mask: {len(masks)} masks for {n} samples; give one, or one per sample")
+            redraw = torch.from_numpy(np.stack([read_mask(m, pixels.shape[2:4], pixels.shape[1]) for m in masks]))
+            keep = torch.cat([latent_keep(r.numpy(), z.shape[2:], self.codec) for r in redraw])
+            keep = keep.expand(n, -1, -1, -1, -1)
+        x = generate(self.model, self.cfg, targets, init=init, strength=strength, keep=keep, **extra, **common)
+        if keep is None or self.codec is None:
+            return x
+        inside = redraw[:, None].to(x.dtype)  # (1 or N, 1, T, H, W), pixels
+        return inside * x + (1 - inside) * self.codec.decode(z).float().cpu()
+
+    def _video(self, targets, common, frames, first_frame, extend, video, strength, size, keyframe,
+               mask) -> np.ndarray:
         n, hw = len(targets), self.pixel_size(size)
-        if video is not None:  # SDEdit: the whole clip, partly renoised
+        if video is not None:  # SDEdit: the whole clip, partly renoised; a mask redraws only its part
             clip = self._pixels(video, "video", hw, clip=True)
             t = self.latent_frames(len(clip), "the clip's frame count")
-            init = self._encode(clip[None]).expand(n, -1, -1, -1, -1).cpu()
-            x = generate(self.model, self.cfg, targets, frames=t, init=init, strength=strength, **common)
-            return to_uint8(x)
+            return to_uint8(self._edited(targets, clip[None], mask, strength, "video", common, frames=t))
         frames = self.pixel_frames() if frames is None else frames
         t = self.latent_frames(frames)
         h, w = common["size"] or (self.cfg.model.input_size, self.cfg.model.input_size)

@@ -33,26 +33,28 @@ class Spelling:
     video: str
     strength: str
     sampler: str
+    init_image: str
+    mask: str
 
 
 CLI = Spelling("--label", "--label K (with --n) or --labels-all N", "--prompt",
                "--prompt TEXT (with --n) or --prompts-file FILE", "--negative-prompt", "--frames", "--first-frame",
-               "--extend", "--video-to-video", "--strength", "--sampler")
+               "--extend", "--video-to-video", "--strength", "--sampler", "--init-image", "--mask")
 PYTHON = Spelling("labels=", "labels= (an int class or a list of classes)", "prompt=",
                   "prompt= (a string, sampled n times, or a list of prompts)", "negative_prompt=", "frames=",
-                  "first_frame=", "extend=", "video=", "strength=", "sampler=")
+                  "first_frame=", "extend=", "video=", "strength=", "sampler=", "init_image=", "mask=")
 API = Spelling("label", "label", "prompt", "prompt", "negative_prompt", "frames", "first_frame", "extend", "video",
-               "strength", "sampler")
+               "strength", "sampler", "init_image", "mask")
 
 
 def check_request(cfg, say: Spelling, where: str, *, labels=None, prompts=None, negative=None, frames=None,
-                  first_frame=None, extend=None, video=None, strength=None, sampler=None,
-                  example: str | None = None) -> None:
+                  first_frame=None, extend=None, video=None, strength=None, sampler=None, init_image=None,
+                  mask=None, example: str | None = None) -> None:
     """Raise RequestError when run `cfg` (a RunConfig; `where` names it) cannot sample this request.
 
     labels: a list of class numbers (class runs); prompts: a list of prompts (text and video runs); negative: a
-    negative prompt; frames, first_frame, extend, video, strength: video inputs (None = not given); sampler: a
-    sampler name or None; example: a prompt to suggest when none is given.
+    negative prompt; frames, first_frame, extend, video: video inputs; init_image, mask, strength: an edit's inputs
+    (None = not given); sampler: a sampler name or None; example: a prompt to suggest when none is given.
     """
     kind = cfg.kind
     if kind.codec:
@@ -62,8 +64,8 @@ def check_request(cfg, say: Spelling, where: str, *, labels=None, prompts=None, 
         _check_labels(cfg, say, where, labels, prompts, negative)
     else:
         _check_prompts(kind, say, where, labels, prompts, example)
-    _check_video(cfg, say, where, frames=frames, first_frame=first_frame, extend=extend, video=video,
-                 strength=strength)
+    _check_video(cfg, say, where, frames=frames, first_frame=first_frame, extend=extend, video=video)
+    _check_edit(cfg, say, where, init_image, video, mask, strength)
     allowed = samplers_for(cfg.flow.objective)
     if sampler is not None and sampler not in allowed:
         raise RequestError(f"{say.sampler} {sampler!r} is not allowed for a {cfg.flow.objective} run; choose one "
@@ -111,13 +113,28 @@ def _check_video(cfg, say: Spelling, where: str, **given) -> None:
     if len(sources) > 1:
         raise RequestError(f"give one of {say.first_frame}, {say.extend} and {say.video}, not "
                            f"{' and '.join(flag[k] for k in sources)}")
-    if "strength" in used and "video" not in used:
-        raise RequestError(f"{say.strength} goes with {say.video} (how much of the clip is redrawn)")
-    if "strength" in used and not 0 < used["strength"] <= 1:
-        raise RequestError(f"{say.strength} must be in (0, 1] (1 redraws everything), got {used['strength']}")
     if "frames" in used and not (int(used["frames"]) == used["frames"] and 1 <= used["frames"] <= 1024):
         raise RequestError(f"{say.frames} must be a whole number in 1..1024, got {used['frames']!r}", 422)
     if "frames" in used and "video" in used:
         raise RequestError(f"{say.frames} does not go with {say.video}: the clip's own length is kept")
-    if sources and cfg.flow.objective != "rectified":
-        raise RequestError(f"{flag[sources[0]]}: {where} cannot hold given frames (a rectified-flow run can)")
+    held = [k for k in sources if k != "video"]  # SDEdit of a clip works in diffusion runs too
+    if held and cfg.flow.objective != "rectified":
+        raise RequestError(f"{flag[held[0]]}: {where} cannot hold given frames (a rectified-flow run can)")
+
+
+def _check_edit(cfg, say: Spelling, where: str, init_image, video, mask, strength) -> None:
+    """An edit: an image to start from (image runs) or a clip (video runs), a mask and a strength with either."""
+    if init_image is not None and (cfg.kind.video or cfg.model.frames > 1):
+        raise RequestError(f"{say.init_image}: {where} makes clips; edit a clip with {say.video}, or animate a still "
+                           f"with {say.first_frame}" if cfg.kind.video else
+                           f"{say.init_image}: {where} makes {cfg.model.frames}-frame clips, not images")
+    source = say.video if cfg.kind.video else say.init_image
+    given = init_image is not None or video is not None
+    if mask is not None and not given:
+        raise RequestError(f"{say.mask} needs the {'clip' if cfg.kind.video else 'image'} it masks: give {source} "
+                           f"too (white in the mask = redraw)")
+    if strength is not None and not given:
+        raise RequestError(f"{say.strength} goes with {source} (how much of the input is redrawn)")
+    if strength is not None and not (isinstance(strength, (int, float)) and 0 <= strength <= 1):
+        raise RequestError(f"{say.strength} must be in [0, 1] (0 keeps the input, 1 redraws it all), got "
+                           f"{strength!r}", 422)

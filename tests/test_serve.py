@@ -130,6 +130,7 @@ def test_an_image_is_the_sample_its_settings_reproduce(server, api, tmp_path):
     image = png(r)
     assert image.shape == (32, 32, 3)
     settings = json.loads(r.headers["x-patchflow-settings"])
+    assert settings.pop("seconds") > 0  # the time the sample took
     assert settings == {"run": "t2i", "seed": 5, "steps": 2, "guidance": 2.5, "sampler": "euler",
                         "prompt": TEXT_PROMPT, "negative_prompt": None, "height": 32, "width": 32}
     direct = studio.runs["t2i"].pipe(prompt=TEXT_PROMPT, n=1, seed=5, steps=2, guidance=2.5)[0]
@@ -190,6 +191,34 @@ def test_four_simultaneous_requests_all_complete(api, server):
     assert np.array_equal(images[0], png(api.post("/api/generate", json=bodies[0])))  # and deterministic
 
 
+def test_an_inpainted_image_keeps_the_unmasked_pixels_and_its_command_redraws_it(api, runs, tmp_path):
+    data, frame = still_b64()
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(mask).save(buffer, format="PNG")
+    body = {"run": "t2i", "prompt": TEXT_PROMPT, "seed": 2, "init_image": f"data:image/png;base64,{data}",
+            "mask": base64.b64encode(buffer.getvalue()).decode()}
+    r = api.post("/api/generate", json=body)
+    image, settings = png(r), json.loads(r.headers["X-Patchflow-Settings"])
+    outside = np.ones((32, 32), bool)
+    outside[8:24, 8:24] = False  # a pixel run: every pixel outside the mask is the input's
+    assert np.array_equal(image[outside], frame[outside]) and not np.array_equal(image[~outside], frame[~outside])
+    assert settings["init_image"] and settings["mask"] and settings["strength"] == 1.0 and settings["seconds"] > 0
+    job = api.post("/api/jobs", json={**body, "strength": 0.5}).json()
+    done = wait(api, job["id"])
+    command = done["items"][0]["settings"]["command"]
+    assert "--init-image input.png --mask mask.png --strength 0.5" in command
+    Image.fromarray(frame).save(tmp_path / "input.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    args = shlex.split(command)[2:]
+    args[args.index("--out") + 1] = str(tmp_path / "again.npz")
+    args = [str(tmp_path / a) if a in ("input.png", "mask.png") else a for a in args]
+    assert main(["sample", *args, "--quiet"]) == 0
+    with np.load(tmp_path / "again.npz") as f:
+        assert np.array_equal(f["images"][0], png(api.get(done["items"][0]["url"])))
+
+
 BAD = [
     ("not json", 422, "not valid JSON"),
     ("[1, 2]", 422, "JSON object"),
@@ -213,11 +242,19 @@ BAD = [
     ({"run": "t2v", "prompt": "x", "first_frame": "bm90IGFuIGltYWdl"}, 400, "first_frame is not an image"),
     ({"run": "t2v", "prompt": "x", "first_frame": "%%%"}, 400, "not valid base64"),
     ({"run": "t2v", "prompt": "x", "frames": 1000}, 422, "frames"),
+    ({"run": "t2i", "prompt": "x", "mask": "STILL"}, 400, "mask needs the image it masks: give init_image"),
+    ({"run": "t2i", "prompt": "x", "init_image": "STILL", "strength": 1.5}, 422, "strength"),
+    ({"run": "t2i", "prompt": "x", "strength": 0.5}, 400, "strength goes with init_image"),
+    ({"run": "t2i", "prompt": "x", "init_image": "STILL", "mask": "bm90IGFuIGltYWdl"}, 400, "mask is not an image"),
+    ({"run": "t2i", "prompt": "x", "init_image": "%%%"}, 400, "init_image is not valid base64"),
+    ({"run": "t2v", "prompt": "x", "init_image": "STILL"}, 400, "init_image: run 't2v' makes clips"),
 ]
 
 
 @pytest.mark.parametrize("body,status,message", BAD, ids=[str(i) for i in range(len(BAD))])
 def test_bad_requests_get_a_4xx_json_error_and_the_server_lives_on(api, body, status, message):
+    if isinstance(body, dict):
+        body = {k: still_b64()[0] if v == "STILL" else v for k, v in body.items()}
     if isinstance(body, str):
         r = api.post("/api/generate", content=body, headers={"content-type": "application/json"})
     else:
@@ -387,6 +424,26 @@ def test_the_studio_page_in_chromium(server, tmp_path):
         kinds = [httpx.get(url + src).headers["content-type"] for src in
                  page.eval_on_selector_all("#gallery img", "imgs => imgs.map(i => i.getAttribute('src'))")]
         assert kinds == ["image/png", "image/gif", "image/png", "image/png"]
+
+        # an edit: upload an image, paint a mask over its right half, and inpaint it
+        data, frame = still_b64()
+        (tmp_path / "still.png").write_bytes(base64.b64decode(data))
+        assert page.is_hidden("#mask-box")
+        page.set_input_files("#init-image", str(tmp_path / "still.png"))
+        page.wait_for_function("document.querySelector('#paint-mask').width === 32")
+        box = page.locator("#paint-mask").bounding_box()
+        page.fill("#brush", "8")
+        page.mouse.move(box["x"] + box["width"] * 0.75, box["y"] + 4)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 0.75, box["y"] + box["height"] - 4, steps=12)
+        page.mouse.up()
+        page.click("#generate")
+        page.wait_for_function("document.querySelectorAll('#gallery figure').length === 5", timeout=60000)
+        caption = page.eval_on_selector("#gallery figcaption", "c => c.textContent")
+        assert "inpainted at strength 1" in caption and "--mask mask.png" in caption and " s · t2i" in caption
+        edited = png(httpx.get(url + page.eval_on_selector("#gallery img", "i => i.getAttribute('src')")))
+        assert np.array_equal(edited[:, :16], frame[:, :16])  # the unpainted left half is the upload's
+        assert not np.array_equal(edited[:, 20:], frame[:, 20:])
         page.screenshot(path=str(tmp_path / "studio.png"), full_page=True)
     assert Image.open(tmp_path / "studio.png").size[0] == 1280
     if os.environ.get("PATCHFLOW_UPDATE_DOCS") == "1":  # refresh docs/studio.png on purpose, never as a side effect

@@ -180,7 +180,7 @@ def test_video_flags_on_an_image_run_exit_2(tmp_path, capsys, flags, message):
 
 @pytest.mark.parametrize("flags,message", [
     (["--strength", "0.5"], "--strength goes with --video-to-video"),
-    (["--video-to-video", "V", "--strength", "1.5"], "--strength must be in (0, 1]"),
+    (["--video-to-video", "V", "--strength", "1.5"], "--strength must be in [0, 1]"),
     (["--first-frame", "S", "--extend", "V"], "give one of --first-frame, --extend and --video-to-video"),
     (["--extend", "missing.gif"], "does not exist"),
     (["--first-frame", "BAD"], "BAD.png"),

@@ -311,15 +311,25 @@ class GaussianDiffusion:
         device = device if device is not None else (generator.device if generator is not None else "cpu")
         return torch.randn(tuple(shape), generator=generator, device=device)
 
-    def _steps(self, progress):
-        """Indices T-1..0; `progress` is False, True (own tqdm bar) or a caller's bar to update."""
-        steps = range(self.num_timesteps - 1, -1, -1)
+    def _steps(self, progress, first: int | None = None):
+        """Indices first..0 (default T-1..0); `progress` is False, True (own tqdm bar) or a caller's bar to update."""
+        first = self.num_timesteps - 1 if first is None else first
+        steps = range(first, -1, -1)
         if hasattr(progress, "update"):
             for i in steps:
                 yield i
                 progress.update(1)
         else:
-            yield from (tqdm(steps, total=self.num_timesteps) if progress else steps)
+            yield from (tqdm(steps, total=first + 1) if progress else steps)
+
+    def _hold(self, x: Tensor, t: Tensor, edit: tuple | None) -> Tensor:
+        """After the step from t: edit = (init, keep, noise) holds share `keep` of x at init noised to t - 1 (init
+        itself after the last step), the same noise the sample started from (inpainting)."""
+        if edit is None:
+            return x
+        init, keep, noise = edit
+        target = init if int(t[0]) == 0 else self.q_sample(init, t - 1, noise)
+        return keep * target + (1 - keep) * x
 
     def p_sample_loop(
         self,
@@ -330,20 +340,24 @@ class GaussianDiffusion:
         clip_denoised: bool = False,
         progress: bool = False,
         device=None,
+        first: int | None = None,
+        edit: tuple | None = None,
     ) -> Tensor:
         """Ancestral sampling from x_{T-1} = noise (default N(0, I) of `shape`) down to x_0 (shape).
 
         The start and the per-step noise are drawn with `generator`; `device` (default: the generator's, else cpu)
-        is only used when `noise` is not given.
+        is only used when `noise` is not given. Edits: `first` starts at that index with `noise` as x_first (SDEdit);
+        `edit` = (init, keep, noise) holds part of every step at the input (see `_hold`).
         """
         x = self._start(shape, noise, generator, device)
-        for i in self._steps(progress):
+        for i in self._steps(progress, first):
             t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
             out = self.p_mean_variance(model_fn(x, self.model_timesteps(t)), x, t, clip_denoised)
             x = out["mean"]
             if i > 0:  # the last step returns the mean: no noise at t = 0
                 z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                 x = x + torch.exp(0.5 * out["log_var"]) * z
+            x = self._hold(x, t, edit)
         return x
 
     def ddim_sample_loop(
@@ -356,13 +370,15 @@ class GaussianDiffusion:
         clip_denoised: bool = False,
         progress: bool = False,
         device=None,
+        first: int | None = None,
+        edit: tuple | None = None,
     ) -> Tensor:
         """DDIM sampling (Song et al. 2021) over this schedule; eta = 0 is deterministic, eta = 1 is DDPM-like.
 
         Respace first (e.g. `respace("ddim50")`) to take fewer steps. Same arguments as `p_sample_loop`.
         """
         x = self._start(shape, noise, generator, device)
-        for i in self._steps(progress):
+        for i in self._steps(progress, first):
             t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
             out = self.p_mean_variance(model_fn(x, self.model_timesteps(t)), x, t, clip_denoised)
             acp, acp_prev = _gather(self.alphas_cumprod, t, x), _gather(self.alphas_cumprod_prev, t, x)
@@ -371,4 +387,5 @@ class GaussianDiffusion:
             x = torch.sqrt(acp_prev) * out["pred_x0"] + dir_xt * out["eps"]
             if i > 0 and eta > 0:
                 x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = self._hold(x, t, edit)
         return x

@@ -78,34 +78,57 @@ class RectifiedFlowObjective:
 
     def sample(self, model_fn, noise: torch.Tensor, steps: int, sampler: str = "euler", progress=None,
                generator: torch.Generator | None = None, context: tuple | None = None,
-               strength: float = 1.0, init: torch.Tensor | None = None) -> torch.Tensor:
+               strength: float = 1.0, init: torch.Tensor | None = None,
+               keep: torch.Tensor | None = None) -> torch.Tensor:
         """Integrate the learned ODE from noise (t=1) to data (t=0).
 
         context: (known (B, C, T, H, W), given (B, T) bool): the given frames are held at their known values with
-        timestep 0 throughout (image-to-video, extension). strength < 1 with `init` (B, C, T, H, W): SDEdit, the
-        last round(steps * strength) steps of the schedule, starting from `init` noised to that step's time.
+        timestep 0 throughout (image-to-video, extension). init (B, C, T, H, W), the input of an edit: strength < 1
+        runs the last `edit_steps(steps, strength)` steps of the schedule from `init` noised to that step's time
+        (SDEdit; strength 0 returns `init`); keep (B, 1 or C, T, H, W) in [0, 1] (inpainting) holds that share of
+        each value on init's own path (init noised by the sample's noise to the current time), at init at t=0.
         """
         step = {"euler": samplers.euler, "heun": samplers.heun}.get(sampler)
         if step is None:
             raise ValueError(f"unknown flow sampler {sampler!r}; choose one of: {', '.join(samplers.SAMPLERS)}")
+        check_edit(strength, init, keep, context)
         times = samplers.flow_timesteps(steps, self.cfg.shift)
         x = noise
         if strength < 1.0:
-            if init is None:
-                raise ValueError("strength < 1 (SDEdit) needs the clip to start from (init)")
-            run = max(1, round(steps * strength))
+            run = edit_steps(steps, strength)
+            if run == 0:
+                return init.clone()
             times = times[steps - run:]
             x = rectified.interpolate(init, noise, times[:1].to(noise.dtype).expand(noise.shape[0]))
+        fn = lambda x, t: model_fn(x, t * self.t_max)  # noqa: E731
+        if keep is not None:  # the kept part moves along init's straight path: exact under Euler and Heun alike
+            path = noise - init
+            out = step(lambda x, t: keep * path + (1 - keep) * fn(x, t), x, times, progress=progress)
+            return keep * init + (1 - keep) * out
         if context is None:
-            return step(lambda x, t: model_fn(x, t * self.t_max), x, times, progress=progress)
+            return step(fn, x, times, progress=progress)
         known, given = context
         held = given[:, None, :, None, None]
 
-        def fn(x, t):  # given frames: their known values at time 0, and no motion
+        def held_fn(x, t):  # given frames: their known values at time 0, and no motion
             v = model_fn(torch.where(held, known, x), torch.where(given, 0.0, t[:, None]) * self.t_max)
             return v.masked_fill(held, 0.0)
 
-        return step(fn, torch.where(held, known, x), times, progress=progress)
+        return step(held_fn, torch.where(held, known, x), times, progress=progress)
+
+
+def edit_steps(steps: int, strength: float) -> int:
+    """Sampling steps an edit of this strength runs: round(steps * strength), at least 1 unless strength is 0."""
+    return 0 if strength <= 0 else max(1, round(steps * strength))
+
+
+def check_edit(strength: float, init, keep, context) -> None:
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1] (0 keeps the input, 1 redraws it all), got {strength}")
+    if (strength < 1.0 or keep is not None) and init is None:
+        raise ValueError("an edit (strength < 1 or a mask) needs the input to start from (init)")
+    if keep is not None and context is not None:
+        raise ValueError("a mask and given frames do not go together; a mask of whole frames holds frames too")
 
 
 class DiffusionObjective:
@@ -124,19 +147,28 @@ class DiffusionObjective:
         return self.diffusion.training_losses(model_fn, x0, t, noise)["loss"]
 
     def sample(self, model_fn, noise: torch.Tensor, steps: int, sampler: str = "ddpm", progress=None,
-               generator: torch.Generator | None = None, **video) -> torch.Tensor:
+               generator: torch.Generator | None = None, context: tuple | None = None, strength: float = 1.0,
+               init: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Ancestral DDPM or DDIM (eta 0) on `steps` respaced timesteps; `generator` (on noise's device) draws
-        the ancestral noise."""
-        if video:
-            raise ValueError(f"{', '.join(video)}: given frames and SDEdit need a rectified-flow run")
+        the ancestral noise. Edits as in the flow's sampler: strength < 1 starts from `init` diffused to the
+        `edit_steps(steps, strength)`-th step from the end; `keep` holds that share at init diffused to each step."""
+        if context is not None:
+            raise ValueError("given frames need a rectified-flow run (a diffusion model has one timestep per sample)")
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"unknown diffusion sampler {sampler!r}; choose one of: 'ddpm', 'ddim'")
+        check_edit(strength, init, keep, None)
         diffusion = self.diffusion.respace(steps)
-        progress = progress or False
-        if sampler == "ddpm":
-            return diffusion.p_sample_loop(model_fn, noise.shape, noise=noise, generator=generator, progress=progress)
-        if sampler == "ddim":
-            return diffusion.ddim_sample_loop(model_fn, noise.shape, noise=noise, generator=generator,
-                                              progress=progress)
-        raise ValueError(f"unknown diffusion sampler {sampler!r}; choose one of: 'ddpm', 'ddim'")
+        first, x = None, noise
+        if strength < 1.0:
+            run = edit_steps(steps, strength)
+            if run == 0:
+                return init.clone()
+            first = run - 1
+            x = diffusion.q_sample(init, torch.full((noise.shape[0],), first, device=noise.device), noise)
+        edit = None if keep is None else (init, keep, noise)
+        loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
+        return loop(model_fn, noise.shape, noise=x, generator=generator, progress=progress or False, first=first,
+                    edit=edit)
 
 
 def build_objective(cfg: FlowConfig, learn_sigma: bool = False, frames_per_token: int = 1):

@@ -53,36 +53,43 @@ class GenerateRequest(BaseModel):
     width: int | None = Field(None, ge=1, le=MAX_SIDE, description="pixels (text and video runs)")
     first_frame: str | None = Field(None, description="video runs: a still to animate, base64 (or a data: URL) of "
                                                       "a PNG/JPEG/WebP/GIF image")
+    init_image: str | None = Field(None, description="image runs: an image to edit (image-to-image), base64 (or a "
+                                                     "data: URL) of a PNG/JPEG/WebP/GIF image")
+    mask: str | None = Field(None, description="with init_image: redraw only the white part (inpainting), an image "
+                                               "like init_image; resized to it with a warning")
+    strength: float | None = Field(None, ge=0, le=1, description="with init_image: how much is redrawn (0 keeps the "
+                                                                 "input; default 0.7, 1 with a mask)")
     lora: str | None = Field(None, description="an adapter the server was started with (patchflow serve --lora; "
                                                "GET /api/runs lists each run's)")
     lora_scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, description="the adapter's strength")
 
 
-def decode_image(data: str) -> np.ndarray:
-    """base64 or a data: URL of an image file -> uint8 (H, W, 3); RequestError saying what is wrong."""
+def decode_image(data: str, field: str = "first_frame") -> np.ndarray:
+    """base64 or a data: URL of an image file -> uint8 (H, W, 3); RequestError naming `field`, saying what is
+    wrong."""
     from PIL import Image, UnidentifiedImageError
 
     if data.startswith("data:"):
         head, _, data = data.partition(",")
         if ";base64" not in head:
-            raise RequestError("first_frame: a data: URL must be base64 (data:image/png;base64,...)")
+            raise RequestError(f"{field}: a data: URL must be base64 (data:image/png;base64,...)")
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        raise RequestError("first_frame is not valid base64; send the image file's bytes base64-encoded") from None
+        raise RequestError(f"{field} is not valid base64; send the image file's bytes base64-encoded") from None
     if len(raw) > MAX_UPLOAD:
-        raise RequestError(f"first_frame is {len(raw) / 2**20:.1f} MiB; at most {MAX_UPLOAD // 2**20} MiB", 413)
+        raise RequestError(f"{field} is {len(raw) / 2**20:.1f} MiB; at most {MAX_UPLOAD // 2**20} MiB", 413)
     try:
         with Image.open(io.BytesIO(raw)) as im:
             im.load()
             if im.width * im.height > 4096 * 4096:
-                raise RequestError(f"first_frame is {im.width}x{im.height} pixels; at most 4096x4096", 413)
+                raise RequestError(f"{field} is {im.width}x{im.height} pixels; at most 4096x4096", 413)
             return np.asarray(im.convert("RGB"))
     except UnidentifiedImageError:
-        raise RequestError(f"first_frame is not an image ({len(raw)} bytes that no image format reads); send a PNG, "
+        raise RequestError(f"{field} is not an image ({len(raw)} bytes that no image format reads); send a PNG, "
                            f"JPEG, WebP or GIF file") from None
     except (OSError, Image.DecompressionBombError, SyntaxError) as e:  # a cut or corrupt image file
-        raise RequestError(f"first_frame: the image cannot be decoded ({e}); send a whole PNG, JPEG, WebP or GIF "
+        raise RequestError(f"{field}: the image cannot be decoded ({e}); send a whole PNG, JPEG, WebP or GIF "
                            f"file") from None
 
 
@@ -100,7 +107,8 @@ def resolve(req: GenerateRequest, runs: dict[str, ServedRun]) -> tuple[ServedRun
     kind = pipe.cfg.kind
     check_request(pipe.cfg, API, f"run {run.name!r}", labels=None if req.label is None else [req.label],
                   prompts=None if req.prompt is None else [req.prompt], negative=req.negative_prompt,
-                  frames=req.frames, first_frame=req.first_frame, sampler=req.sampler, example=run.example)
+                  frames=req.frames, first_frame=req.first_frame, sampler=req.sampler, example=run.example,
+                  init_image=req.init_image, mask=req.mask, strength=req.strength)
     kw: dict = {"steps": req.steps, "guidance": req.guidance, "sampler": req.sampler}
     if kind.labels:
         kw["labels"] = req.label
@@ -125,8 +133,11 @@ def resolve(req: GenerateRequest, runs: dict[str, ServedRun]) -> tuple[ServedRun
         except ValueError as e:
             raise RequestError(str(e), 422) from None
         kw["frames"] = req.frames
-    if req.first_frame is not None:
-        kw["first_frame"] = decode_image(req.first_frame)
+    for field in ("first_frame", "init_image", "mask"):
+        if getattr(req, field) is not None:
+            kw[field] = decode_image(getattr(req, field), field)
+    if req.strength is not None:
+        kw["strength"] = req.strength
     if req.lora is not None and req.lora not in run.loras:
         have = ", ".join(map(repr, sorted(run.loras))) or "none (start the server with --lora [NAME=]ADAPTER)"
         raise RequestError(f"lora: run {run.name!r} has no adapter {req.lora!r}; its adapters: {have}", 422)
@@ -149,8 +160,10 @@ def reproduce_command(run: ServedRun, kw: dict, seed: int, lora: tuple = (None, 
         parts += ["--size", f"{kw['size'][0]}x{kw['size'][1]}"]
     if "frames" in kw:
         parts += ["--frames", str(kw["frames"])]
-    if "first_frame" in kw:
-        parts += ["--first-frame", "still.png"]
+    for key, flag, name in (("first_frame", "--first-frame", "still.png"), ("init_image", "--init-image", "input.png"),
+                            ("mask", "--mask", "mask.png"), ("strength", "--strength", None)):
+        if key in kw:
+            parts += [flag, name or f"{kw[key]:g}"]
     if lora[0] is not None:
         parts += ["--lora", f"{run.loras[lora[0]][0]}:{lora[1]:g}"]
     parts += ["--out", "sample.gif" if run.pipe.cfg.kind.video else "sample.png"]

@@ -57,6 +57,7 @@ class ServedRun:
                 "steps": cfg.sample.steps, "guidance": cfg.sample.guidance, "sampler": cfg.sample.sampler,
                 "height": h, "width": w, "size_step": self.size_step, "sizes": not cfg.kind.labels,
                 "frames": pipe.pixel_frames() if cfg.kind.video else None, "first_frame": self.takes_first_frame,
+                "init_image": not cfg.kind.video and cfg.model.frames == 1,
                 "example": self.example,
                 "num_classes": cfg.model.num_classes if cfg.kind.labels else None, "class_names": self.class_names,
                 "loras": sorted(self.loras), "limits": dict(LIMITS)}
@@ -90,7 +91,7 @@ def check_runs(runs: list[str | Path]) -> list[Path]:
 def example_prompt(cfg) -> str | None:
     """A caption of the run's data (a held-out one for the built-in worlds); None for class runs or when the
     data is not where the run was trained."""
-    from patchflow.pipeline import preview_prompts
+    from patchflow.previews import preview_prompts
 
     if not cfg.kind.prompts:
         return None

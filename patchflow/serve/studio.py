@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from patchflow.edit import default_strength
 from patchflow.sample_request import RequestError
 from patchflow.serve.requests import reproduce_command, resolve
 from patchflow.serve.runs import ServedRun, check_runs, class_names, example_prompt, fitting_loras, lora_names, run_names
@@ -59,6 +60,7 @@ class Job:
     done_steps: int = 0
     total_steps: int = 0
     samples: list = field(default_factory=list)   # uint8 arrays, one per seed
+    seconds: list = field(default_factory=list)   # each sample's sampling time
     items: list = field(default_factory=list)     # (bytes, media type, settings)
     error: tuple[int, str] | None = None
     created: float = field(default_factory=time.time)
@@ -81,6 +83,9 @@ class Job:
         if self.run.pipe.cfg.kind.video:
             s["frames"] = kw.get("frames") or self.run.pipe.pixel_frames()
             s["first_frame"] = "first_frame" in kw
+        if "init_image" in kw:
+            s.update(init_image=True, mask="mask" in kw, strength=kw.get("strength", default_strength(kw.get("mask"))))
+        s["seconds"] = round(self.seconds[k], 3)
         if self.lora[0] is not None:
             s["lora"], s["lora_scale"] = self.lora
         s["command"] = reproduce_command(self.run, kw, self.seed + k, self.lora)
@@ -162,9 +167,11 @@ class Studio:
             def progress(done: int, total: int, k: int = k) -> None:  # total: one sample's sampling steps
                 job.total_steps, job.done_steps = job.n * total, k * total + done
 
+            t0 = time.perf_counter()
             with warnings.catch_warnings():  # a resized first frame warns; the settings beside it say the size
                 warnings.simplefilter("ignore", UserWarning)
                 sample = job.run.pipe(**job.kw, n=1, seed=job.seed + k, progress=progress)[0]
+            job.seconds.append(time.perf_counter() - t0)
             job.samples.append(sample)
             data, media = encode(sample)
             job.items.append((data, media, job.settings(k)))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from patchflow.lora.adapters import merge
 from patchflow.media.grids import save_grid
-from patchflow.pipeline import preview
+from patchflow.previews import preview
 from patchflow.train.build import build_trainable
 
 
