@@ -227,7 +227,8 @@ def test_bad_edit_input_exits_2_with_a_message(runs, tmp_path, capsys, run, flag
     assert read_image(tmp_path / "in.png").shape == (32, 32, 3)  # nothing given was touched
 
 
-def test_the_edit_scores_ask_for_another_colour_and_another_digit(runs):
+def test_the_edit_scores_ask_for_another_colour_and_another_digit(runs, digit_classifier):
+    """(digit_classifier: the session's one training of the checker's classifier, before the scores load it.)"""
     from patchflow.data.color_digits import parse_caption
     from patchflow.evaluate.edits import held_out_digits, ink_iou, inpaint, recolour
 
