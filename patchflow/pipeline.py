@@ -92,7 +92,8 @@ def generate(model: nn.Module, cfg: RunConfig, targets, *, conditioning=None, ne
     Video runs: context = (known (N, C, T, H, W), given (N, T) bool) holds given frames fixed (image-to-video,
     extension). Edits (any run): init (N, C, T, H, W), the encoded input; strength < 1 starts part-way from it
     (SDEdit, 0 returns it) and keep (N, 1 or C, T, H, W) in [0, 1] holds that share of it (inpainting, see
-    patchflow.edit). Settings default to cfg.sample. Noise is drawn on the CPU from `seed`, so the same seed gives the same samples on any device.
+    patchflow.edit). Settings default to cfg.sample. Noise is drawn on the CPU from `seed`, so the same seed gives
+    the same samples on any device.
     """
     from patchflow.conditioning import build_conditioning
 
@@ -321,9 +322,9 @@ class Pipeline:
 
     def _edited(self, targets, pixels: np.ndarray, mask, strength: float, what: str, common: dict,
                 **extra) -> torch.Tensor:
-        """The edit of uint8 inputs `pixels` (1 or N, T, H, W, 3) under `mask` -> pixels (N, C, T, H, W) in [-1, 1]. Outside
-        the mask the latents are held at the input's; a codec's decoder spills across the mask's edge, so there the
-        pixels are the input's round trip too."""
+        """The edit of uint8 inputs `pixels` (1 or N, T, H, W, 3) under `mask` -> pixels (N, C, T, H, W) in
+        [-1, 1]. Outside the mask the latents are held at the input's; a codec's decoder spills across the mask's
+        edge, so there the pixels are the input's round trip too."""
         n = len(targets)
         if len(pixels) not in (1, n):
             raise ValueError(f"{what}: {len(pixels)} inputs for {n} samples; give one, or one per sample")

@@ -84,7 +84,8 @@ class Job:
             s["frames"] = kw.get("frames") or self.run.pipe.pixel_frames()
             s["first_frame"] = "first_frame" in kw
         if "init_image" in kw:
-            s.update(init_image=True, mask="mask" in kw, strength=kw.get("strength", default_strength(kw.get("mask"))))
+            strength = kw.get("strength", default_strength(kw.get("mask")))
+            s.update(init_image=True, mask="mask" in kw, strength=strength)
         s["seconds"] = round(self.seconds[k], 3)
         if self.lora[0] is not None:
             s["lora"], s["lora_scale"] = self.lora
