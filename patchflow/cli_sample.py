@@ -119,19 +119,19 @@ def cmd_sample(args) -> None:
     check_sampling_args(args)
     out = Path(args.out)
     cfg = load_run_config(args.run_dir)
-    video = {"frames": args.frames, "first_frame": args.first_frame, "extend": args.extend,
+    inputs = {"frames": args.frames, "first_frame": args.first_frame, "extend": args.extend,
              "video": args.video_to_video, "strength": args.strength, "init_image": args.init_image,
              "mask": args.mask}
     labels, prompts = _targets(args, cfg)
     check_request(cfg, CLI, str(args.run_dir), labels=labels, prompts=prompts, negative=args.negative_prompt,
-                  sampler=args.sampler, **video)
+                  sampler=args.sampler, **inputs)
     _check_out(args, cfg, out)
     size = parse_size(args.size)  # a malformed --size fails before the model is loaded
     t0 = time.perf_counter()
     pipe = Pipeline.load(args.run_dir, ema=not args.no_ema, device=args.device, loras=args.lora)
     images = pipe(labels, prompt=prompts, negative_prompt=args.negative_prompt, steps=args.steps,
                   guidance=args.guidance, seed=args.seed, sampler=args.sampler, progress=not args.quiet, size=size,
-                  **{k: v for k, v in video.items() if v is not None})
+                  **{k: v for k, v in inputs.items() if v is not None})
     targets = prompts if cfg.kind.prompts else np.asarray(labels, dtype=np.int64)
     out.parent.mkdir(parents=True, exist_ok=True)
     if images.ndim == 5:  # clips (N, T, H, W, 3)

@@ -334,13 +334,13 @@ class Pipeline:
             masks = list(mask) if isinstance(mask, (list, tuple)) else [mask]  # a list: one mask per sample
             if len(masks) not in (1, n):
                 raise ValueError(f"mask: {len(masks)} masks for {n} samples; give one, or one per sample")
-            redraw = torch.from_numpy(np.stack([read_mask(m, pixels.shape[2:4], pixels.shape[1]) for m in masks]))
-            keep = torch.cat([latent_keep(r.numpy(), z.shape[2:], self.codec) for r in redraw])
+            redraw = np.stack([read_mask(m, pixels.shape[2:4], pixels.shape[1]) for m in masks])  # (1 or N, T, H, W)
+            keep = torch.cat([latent_keep(r, z.shape[2:], self.codec) for r in redraw])
             keep = keep.expand(n, -1, -1, -1, -1)
         x = generate(self.model, self.cfg, targets, init=init, strength=strength, keep=keep, **extra, **common)
         if keep is None or self.codec is None:
             return x
-        inside = redraw[:, None].to(x.dtype)  # (1 or N, 1, T, H, W), pixels
+        inside = torch.from_numpy(redraw)[:, None].to(x.dtype)  # (1 or N, 1, T, H, W), pixels
         return inside * x + (1 - inside) * self.codec.decode(z).float().cpu()
 
     def _video(self, targets, common, frames, first_frame, extend, video, strength, size, keyframe,

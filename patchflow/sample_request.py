@@ -124,10 +124,11 @@ def _check_video(cfg, say: Spelling, where: str, **given) -> None:
 
 def _check_edit(cfg, say: Spelling, where: str, init_image, video, mask, strength) -> None:
     """An edit: an image to start from (image runs) or a clip (video runs), a mask and a strength with either."""
-    if init_image is not None and (cfg.kind.video or cfg.model.frames > 1):
+    if init_image is not None and cfg.kind.video:
         raise RequestError(f"{say.init_image}: {where} makes clips; edit a clip with {say.video}, or animate a still "
-                           f"with {say.first_frame}" if cfg.kind.video else
-                           f"{say.init_image}: {where} makes {cfg.model.frames}-frame clips, not images")
+                           f"with {say.first_frame}")
+    if init_image is not None and cfg.model.frames > 1:
+        raise RequestError(f"{say.init_image}: {where} makes {cfg.model.frames}-frame clips, not images")
     source = say.video if cfg.kind.video else say.init_image
     given = init_image is not None or video is not None
     if mask is not None and not given:

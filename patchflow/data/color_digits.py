@@ -221,12 +221,7 @@ class ColorDigitsDataset(World):
         """The canonical caption of item i, or (paraphrase=True) a paraphrase or the canonical caption (about
         half each), fixed per item. parse_caption reads both back to the item's CAPTION_FIELDS."""
         a = self.attributes(i)
-        color, bg = a["color"], a["background"]
-        if a["kind"] == "number":
-            canonical = f"the number {a['number']} in {color} on {article(bg)} {bg} background"
-        else:
-            canonical = (f"{article(color)} {color} {a['digit']} on {article(bg)} {bg} background, "
-                         f"{POSITION_PHRASES[a['position']]}")
+        canonical = canonical_caption(a)
         if not paraphrase:
             return canonical
         rng = self.rng(i, stream=1)
@@ -250,6 +245,14 @@ class ColorDigitsDataset(World):
         for j, (x, y, _, _) in zip(a["split_index"], a["boxes"]):
             paste(alpha[0], self.glyphs.ink(j, *a["glyph_size"]), x, y)
         return compose(alpha, a["color"], a["background"]), alpha
+
+
+def canonical_caption(a: dict) -> str:
+    """The canonical caption of attributes `a` (kind, digit or number, color, background, position)."""
+    color, bg = a["color"], a["background"]
+    if a["kind"] == "number":
+        return f"the number {a['number']} in {color} on {article(bg)} {bg} background"
+    return f"{article(color)} {color} {a['digit']} on {article(bg)} {bg} background, {POSITION_PHRASES[a['position']]}"
 
 
 def _side_by_side(inks: list[np.ndarray], gap: int) -> tuple[np.ndarray, list[int]]:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from patchflow.data.color_digits import POSITION_PHRASES, ColorDigitsDataset
-from patchflow.data.worlds import COLOR_NAMES, article, legible
+from patchflow.data.color_digits import ColorDigitsDataset, canonical_caption
+from patchflow.data.worlds import COLOR_NAMES, legible
 from patchflow.evaluate.prompts import ink_weights, score
+from patchflow.pipeline import to_uint8
 
 __all__ = ["held_out_digits", "recolour", "inpaint", "round_trip"]
 
@@ -32,19 +33,12 @@ def held_out_digits(n: int, seed: int = 0, world_seed: int = 0) -> tuple[ColorDi
     return data, items
 
 
-def caption(digit: int, color: str, background: str, position: str) -> str:
-    return (f"{article(color)} {color} {digit} on {article(background)} {background} background, "
-            f"{POSITION_PHRASES[position]}")
-
-
 def round_trip(pipe, images: np.ndarray) -> np.ndarray:
     """uint8 (N, H, W, 3) through the run's codec and back (unchanged for pixel runs)."""
     if pipe.codec is None:
         return images
     with torch.no_grad():
-        z = pipe._encode(images[:, None])
-        x = pipe.codec.decode(z)
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()[:, 0]
+        return to_uint8(pipe.codec.decode(pipe._encode(images[:, None])))[:, 0]
 
 
 def recolour(pipe, n: int = 200, seed: int = 0, strength: float | None = None, **sampling) -> dict:
@@ -57,12 +51,13 @@ def recolour(pipe, n: int = 200, seed: int = 0, strength: float | None = None, *
         colors = [c for c in COLOR_NAMES if c != a["color"] and legible(c, a["background"])]
         new = colors[rng.integers(len(colors))]
         images.append(data.render(i)[0])
-        prompts.append(caption(a["digit"], new, a["background"], a["position"]))
-    out = np.concatenate([pipe(prompt=prompts[k:k + 50], init_image=np.stack(images[k:k + 50]), strength=strength,
+        prompts.append(canonical_caption({**a, "color": new}))
+    images = np.stack(images)
+    out = np.concatenate([pipe(prompt=prompts[k:k + 50], init_image=images[k:k + 50], strength=strength,
                                seed=seed, **sampling) for k in range(0, n, 50)])
     report = score(out, prompts)
-    return {"n": n, "strength": strength, "rates": dict(report.rates), "shape_kept": ink_iou(np.stack(images), out),
-            "samples": out, "inputs": np.stack(images), "prompts": prompts}
+    return {"n": n, "strength": strength, "rates": dict(report.rates), "shape_kept": ink_iou(images, out),
+            "samples": out, "inputs": images, "prompts": prompts}
 
 
 def ink_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -88,7 +83,7 @@ def inpaint(pipe, n: int = 200, seed: int = 0, margin: int = 2, **sampling) -> d
         new = int((a["digit"] + 1 + rng.integers(9)) % 10)  # any other digit
         images.append(rgb)
         masks.append(mask)
-        prompts.append(caption(new, a["color"], a["background"], a["position"]))
+        prompts.append(canonical_caption({**a, "digit": new}))
     images, masks = np.stack(images), np.stack(masks)
     out = np.concatenate([pipe(prompt=prompts[k:k + 50], init_image=images[k:k + 50], mask=list(masks[k:k + 50]),
                                seed=seed, **sampling) for k in range(0, n, 50)])
