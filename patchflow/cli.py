@@ -1,4 +1,4 @@
-"""`patchflow train | sample | eval | cache | encoder | convert | lora | plan | demo | serve | report`."""
+"""`patchflow train | distill | sample | eval | cache | encoder | convert | lora | plan | demo | serve | report`."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,23 @@ def cmd_train(args) -> None:
     train(cfg, out, resume=args.resume, progress=not args.quiet)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
         print(f"run written to {out}")
+
+
+def cmd_distill(args) -> None:
+    from patchflow.config import load_config
+    from patchflow.train.distill import student_config
+    from patchflow.train.run import train
+
+    out = Path(args.out or Path(args.run_dir).with_name(f"{Path(args.run_dir).name}-{args.steps}step"))
+    if args.resume and (out / "config.toml").is_file():  # a student continues with the config it was started with
+        cfg = load_config(out / "config.toml", args.set)
+        if Path(cfg.distill.teacher).resolve() != Path(args.run_dir).resolve():
+            raise ValueError(f"--resume: {out} is a student of {cfg.distill.teacher}, not of {args.run_dir}")
+    else:
+        cfg = student_config(args.run_dir, args.steps, args.method, args.set)
+    train(cfg, out, resume=args.resume, progress=not args.quiet)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"student written to {out}: `patchflow sample {out}` samples in {cfg.distill.steps} steps")
 
 
 def cmd_sample(args) -> None:
@@ -229,6 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("distill", help="train a few-step student of a run (a rectified-flow teacher, any kind)")
+    p.add_argument("run_dir", help="the teacher's run directory")
+    p.add_argument("--steps", type=int, default=4, help="the student's sampling steps (default 4)")
+    p.add_argument("--method", choices=("trajectory", "progressive"), default=None,
+                   help="distill.method (default trajectory)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override, e.g. train.steps=400 or distill.guidance=4")
+    p.add_argument("--out", help="the student's run directory (default RUN-<N>step beside the teacher)")
+    p.add_argument("--resume", action="store_true", help="continue the student in --out from its last checkpoint")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_distill)
 
     p = sub.add_parser("sample", help="sample images or clips from a run")
     p.add_argument("run_dir")

@@ -27,6 +27,11 @@ class LabelConditioning:
         y = y.to(self.device, non_blocking=True)
         return {"y": drop_labels(y, self.num_classes, self.dropout_prob, generator, shard)}
 
+    def train_pair(self, y: torch.Tensor, generator: torch.Generator | None, shard: tuple[int, int]):
+        """(training cond, its null) for a teacher's guidance in distillation."""
+        cond = self.train(y, generator, shard)
+        return cond, {"y": torch.full_like(cond["y"], self.num_classes)}
+
     def pair(self, labels, negative=None) -> tuple[dict, dict]:
         """(cond, null) for guided sampling of `labels` (B,); there is no negative label."""
         if negative is not None:
@@ -63,6 +68,18 @@ class TextConditioning:
             drop = draw_dropout(self.num_encoders, len(captions), self.dropout_prob, generator, shard)
         return self._cond(self.encoder.encode(list(captions), drop=None if drop is None else drop.cpu()))
 
+    def train_pair(self, captions: list[str], generator: torch.Generator | None, shard: tuple[int, int]):
+        """(training cond, its null) for a teacher's guidance in distillation: one encoding of the captions (with
+        the training drops) and of the empty prompt, so their token lengths agree."""
+        from patchflow.text import draw_dropout
+
+        n = len(captions)
+        drop = torch.zeros(self.num_encoders, n, dtype=torch.bool)
+        if self.dropout_prob > 0:
+            drop = draw_dropout(self.num_encoders, n, self.dropout_prob, generator, shard).cpu()
+        both = self._cond(self.encoder.encode(list(captions) * 2, drop=torch.cat([drop, torch.ones_like(drop)], 1)))
+        return {k: v[:n] for k, v in both.items()}, {k: v[n:] for k, v in both.items()}
+
     def pair(self, prompts: list[str], negative: str | list[str] | None = None) -> tuple[dict, dict]:
         """(cond, null) for guided sampling: null is the empty prompt, or the negative prompt(s). Both are encoded
         in one batch so their token lengths agree."""
@@ -84,6 +101,9 @@ class NoConditioning:
         return {}
 
     def pair(self, targets, negative=None) -> tuple[dict, dict]:
+        return {}, {}
+
+    def train_pair(self, y, generator: torch.Generator | None, shard: tuple[int, int]) -> tuple[dict, dict]:
         return {}, {}
 
 

@@ -25,11 +25,12 @@ from patchflow.flow.config import FlowConfig, samplers_for
 from patchflow.kinds import ARCHS, RunKind, run_kind
 from patchflow.models.dit import DiTConfig
 from patchflow.models.text_config import MMDiTConfig, VideoDiTConfig
+from patchflow.distill.config import DistillConfig
 from patchflow.lora.config import LoRAConfig
 from patchflow.repa.config import RepaConfig
 from patchflow.text.config import TextConfig
 
-__all__ = ["ARCHS", "CodecConfig", "ConfigError", "DataConfig", "FlowConfig", "MAX_SAMPLES", "PRESET_DIR",
+__all__ = ["ARCHS", "CodecConfig", "ConfigError", "DataConfig", "DistillConfig", "FlowConfig", "MAX_SAMPLES", "PRESET_DIR",
            "LoRAConfig", "RepaConfig", "RunConfig", "RunKind", "SampleConfig", "SECTIONS", "TextConfig", "TrainConfig", "WORLDS", "from_dict",
            "load_config", "model_config_class", "parse_override", "resolve_preset", "run_kind"]
 
@@ -143,6 +144,7 @@ class RunConfig:
     text: TextConfig = field(default_factory=TextConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     @property
     def kind(self) -> RunKind:
@@ -171,11 +173,13 @@ class RunConfig:
         self.text.validate()
         self.repa.validate()
         self.lora.validate()
+        self.distill.validate()
         if self.kind.codec:
-            for key, on in (("repa.encoder", self.repa.enabled), ("lora.rank", self.lora.enabled)):
+            for key, on in (("repa.encoder", self.repa.enabled), ("lora.rank", self.lora.enabled),
+                            ("distill.teacher", self.distill.enabled)):
                 if on:
                     raise ConfigError(f"{key} is for diffusion models; a codec run (model.arch = \"autoencoder\") "
-                                      f"takes neither REPA nor adapters: leave it unset")
+                                      f"takes no REPA, adapters or teacher: leave it unset")
             return self._validate_codec_run()
         if self.lora.enabled and not self.train.init_from.strip():
             raise ConfigError("lora.rank adapts a trained base model: set train.init_from to its run directory or "
@@ -184,6 +188,7 @@ class RunConfig:
             raise ConfigError("lora.quantize_base = \"int8\" keeps the base in int8 tensors, which FSDP cannot shard: "
                               "use train.parallel = \"ddp\" (each process holds the int8 base)")
         self._validate_repa()
+        self._validate_distill()
         self.sample.validate(self.flow.objective)
         if self.flow.objective == "rectified" and self.model.learn_sigma:
             raise ConfigError("model.learn_sigma = true needs flow.objective = \"ddpm\" (a flow predicts no variance)")
@@ -239,6 +244,23 @@ class RunConfig:
             if value:
                 raise ConfigError(f"repa.encoder with {key} = {value} is not supported ({why}): set {key} = 0 or "
                                   f"repa.encoder = \"\"")
+
+    def _validate_distill(self) -> None:
+        d = self.distill
+        if not d.enabled:
+            return
+        if self.flow.objective != "rectified":
+            raise ConfigError(f"distill.teacher: distillation fits Euler steps of a rectified flow; flow.objective = "
+                              f"{show(self.flow.objective)} (a DDPM run) cannot be distilled")
+        if self.train.pack_tokens:
+            raise ConfigError("distill.teacher with train.pack_tokens: a student trains on dense batches; set "
+                              "train.pack_tokens = 0")
+        if self.lora.enabled and d.method == "progressive":
+            raise ConfigError("distill.method = \"progressive\" makes each round's student the next teacher, which a "
+                              "LoRA student (lora.rank) is not on its own: use distill.method = \"trajectory\"")
+        if not self.train.init_from.strip():
+            raise ConfigError("distill.teacher: a student starts from its teacher's weights: set train.init_from to "
+                              "the teacher's run directory (`patchflow distill RUN` does)")
 
     def _validate_codec_run(self) -> "RunConfig":
         from patchflow.data import pixel_shape
@@ -352,6 +374,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             raise ConfigError(f"{p}: cannot read the config file: {e.strerror or e}") from None
         except (ValueError, RecursionError) as e:  # TOMLDecodeError, not UTF-8, an int over 4300 digits, deep nesting
             raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return from_dict(apply_overrides(data, overrides))
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """--set section.key=value items into a config's TOML tables (in place; returned)."""
     for item in overrides:
         (section, key), value = parse_override(item)
         if section not in SECTIONS:
@@ -360,4 +387,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         if not isinstance(table, dict):
             raise ConfigError(f"[{section}] must be a table of keys, got {show(table)}")
         table[key] = value
-    return from_dict(data)
+    return data

@@ -43,11 +43,13 @@ def load_start(video: bool, net: nn.Module, source: str) -> Path:
     return path
 
 
-def check_base(lora, path: Path, what: str) -> str:
-    """The sha256 of a LoRA run's base weights file; refused when it changed since the adapter was trained."""
+def check_base(recorded: str, path: Path, what: str, role: str = "base weights",
+               since: str = "the adapter was trained on them",
+               fix: str = "restore that base or train the adapter again") -> str:
+    """The sha256 of weights a run stands on (a LoRA run's base, a student's teacher); refused when it changed since
+    the run recorded `recorded` ("" = nothing recorded yet)."""
     digest = hash_files([path])
-    if lora.base_hash and lora.base_hash != digest:
-        raise ConfigError(f"{what}: the base weights {path} changed since the adapter was trained on them (sha256 "
-                          f"{digest[:12]}..., the run recorded {lora.base_hash[:12]}...); restore that base or "
-                          f"train the adapter again")
+    if recorded and recorded != digest:
+        raise ConfigError(f"{what}: the {role} {path} changed since {since} (sha256 "
+                          f"{digest[:12]}..., the run recorded {recorded[:12]}...); {fix}")
     return digest

@@ -239,7 +239,7 @@ class Pipeline:
         labels, prompts = self.targets(labels, prompt, n)
         check_request(self.cfg, PYTHON, "this run", labels=labels, prompts=prompts, negative=negative_prompt,
                       sampler=sampler, frames=frames, first_frame=first_frame, extend=extend, video=video,
-                      strength=strength, init_image=init_image, mask=mask)
+                      strength=strength, init_image=init_image, mask=mask, steps=steps)
         strength = default_strength(mask) if strength is None else strength
         targets = prompts if self.cfg.kind.prompts else torch.as_tensor(labels, dtype=torch.long)
         common = dict(conditioning=self.conditioning, negative=negative_prompt, steps=steps, guidance=guidance,

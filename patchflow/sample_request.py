@@ -6,6 +6,7 @@ message names what the user typed. A `RequestError` carries the HTTP status the 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from patchflow.flow.config import samplers_for
@@ -49,12 +50,15 @@ API = Spelling("label", "label", "prompt", "prompt", "negative_prompt", "frames"
 
 def check_request(cfg, say: Spelling, where: str, *, labels=None, prompts=None, negative=None, frames=None,
                   first_frame=None, extend=None, video=None, strength=None, sampler=None, init_image=None,
-                  mask=None, example: str | None = None) -> None:
+                  mask=None, steps=None, example: str | None = None) -> None:
     """Raise RequestError when run `cfg` (a RunConfig; `where` names it) cannot sample this request.
 
     labels: a list of class numbers (class runs); prompts: a list of prompts (text and video runs); negative: a
     negative prompt; frames, first_frame, extend, video: video inputs; init_image, mask, strength: an edit's inputs
-    (None = not given); sampler: a sampler name or None; example: a prompt to suggest when none is given.
+    (None = not given); sampler: a sampler name or None; steps: sampling steps or None (Pipeline passes them:
+    every caller samples through it, so the warning below comes once); example: a prompt to suggest when none is
+    given. A distilled student asked for other steps than it was trained for samples with a warning (its steps are
+    fitted to its teacher's; others are off what it learned).
     """
     kind = cfg.kind
     if kind.codec:
@@ -70,6 +74,11 @@ def check_request(cfg, say: Spelling, where: str, *, labels=None, prompts=None, 
     if sampler is not None and sampler not in allowed:
         raise RequestError(f"{say.sampler} {sampler!r} is not allowed for a {cfg.flow.objective} run; choose one "
                            f"of: {', '.join(map(repr, allowed))}", 422)
+    trained = cfg.distill.steps
+    if cfg.distill.enabled and steps is not None and steps != trained:
+        warnings.warn(f"{where} is a student distilled for {trained} sampling step{'s' * (trained > 1)}; "
+                      f"{steps} steps are off what it learned (quality drops): sample it in {trained}",
+                      UserWarning, stacklevel=2)
 
 
 def _check_labels(cfg, say: Spelling, where: str, labels, prompts, negative) -> None:

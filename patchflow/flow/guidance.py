@@ -49,11 +49,14 @@ def classifier_free(model, cond, null, scale: float, interval: tuple[float, floa
     both = _cat(cond, null) if scale != 1.0 else None
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        level = float(t.reshape(t.shape[0], -1)[0].amax()) / t_max  # per-frame times: the noisiest frame
-        if scale == 1.0 or not lo <= level <= hi:
+        level = t.reshape(t.shape[0], -1).amax(1) / t_max  # per-frame times: the noisiest frame
+        inside = (level >= lo) & (level <= hi)  # per sample: a distillation batch mixes times
+        if scale == 1.0 or not bool(inside.any()):
             return _call(model, x, t, cond)
         out = _call(model, torch.cat([x, x]), torch.cat([t, t]), both)
         cond_out, uncond_out = out.chunk(2)
-        return combine(cond_out, uncond_out, scale, channels=x.shape[1])
+        guided = combine(cond_out, uncond_out, scale, channels=x.shape[1])
+        return guided if bool(inside.all()) else torch.where(inside.reshape((-1,) + (1,) * (x.ndim - 1)), guided,
+                                                             cond_out)
 
     return fn

@@ -30,7 +30,7 @@ def lora_base(run_dir: Path, cfg, model: nn.Module) -> tuple[dict, Base]:
     """A LoRA run's frozen base: train.init_from loaded into `model` (a fresh model of the run's config), checked
     against the recorded hash -> (its state dict, the Base)."""
     path = load_start(cfg.kind.video, model, cfg.train.init_from)
-    return model.state_dict(), Base(path, check_base(cfg.lora, path, f"the LoRA run {run_dir}"))
+    return model.state_dict(), Base(path, check_base(cfg.lora.base_hash, path, f"the LoRA run {run_dir}"))
 
 
 def weights_on(base: dict | None, cfg, path: Path) -> dict:

@@ -55,6 +55,8 @@ class ServedRun:
         h, w = pipe.pixel_size(None)
         return {"name": self.name, "path": str(self.path), "kind": self.kind, "arch": cfg.model.arch,
                 "steps": cfg.sample.steps, "guidance": cfg.sample.guidance, "sampler": cfg.sample.sampler,
+                "distilled": {"steps": cfg.distill.steps, "method": cfg.distill.method,
+                              "teacher": cfg.distill.teacher} if cfg.distill.enabled else None,
                 "height": h, "width": w, "size_step": self.size_step, "sizes": not cfg.kind.labels,
                 "frames": pipe.pixel_frames() if cfg.kind.video else None, "first_frame": self.takes_first_frame,
                 "init_image": not cfg.kind.video and cfg.model.frames == 1,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from patchflow.distill.objective import DistillObjective
 from patchflow.flow.objective import build_objective
 from patchflow.models import build_model
 from patchflow.repa.projector import Projector
@@ -25,11 +26,14 @@ def build_trainable(cfg) -> nn.Module:
 
 
 def objective_for_run(cfg):
-    """The objective a run trains with: its flow, or an autoencoder's reconstruction loss for a codec run."""
+    """The objective a run trains with: its flow, a student's fit to its teacher (distill.teacher), or an
+    autoencoder's reconstruction loss for a codec run."""
     if cfg.kind.codec:
         from patchflow.train.codec_model import AutoencoderObjective
 
         return AutoencoderObjective(cfg.model)
+    if cfg.distill.enabled:
+        return DistillObjective(cfg.flow, getattr(cfg.model, "temporal_patch", 1))
     return build_objective(cfg.flow, cfg.model.learn_sigma, getattr(cfg.model, "temporal_patch", 1))
 
 

@@ -36,6 +36,11 @@ def check_resume(cfg: RunConfig, out: Path, resume: bool) -> None:
             raise ConfigError(f"--resume: [lora] (rank, alpha, targets, blocks) differs from the run's {config_path}; "
                               f"a run keeps its adapters")
         cfg.lora.base_hash = cfg.lora.base_hash or saved.lora.base_hash  # the base the adapters were trained on
+        mine, theirs = (dataclasses.replace(c.distill, teacher_hash="") for c in (cfg, saved))
+        if mine != theirs:
+            raise ConfigError(f"--resume: [distill] differs from the run's {config_path}; a student keeps its teacher "
+                              f"and method")
+        cfg.distill.teacher_hash = cfg.distill.teacher_hash or saved.distill.teacher_hash
     elif config_path.is_file():
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or pick another --out")
 

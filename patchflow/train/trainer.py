@@ -42,6 +42,7 @@ from patchflow.train import distributed, inputs, rundir
 from patchflow.repa.loss import repa_loss
 from patchflow.train.build import PROJECTOR, attach_projector, build_trainable, load_init_weights, objective_for_run
 from patchflow.train.build import split_projector
+from patchflow.train.distill import WEIGHTS as TEACHER_WEIGHTS, Teacher
 from patchflow.init_weights import check_base
 from patchflow.lora.adapters import add_adapters, is_adapter_key, split_adapter
 from patchflow.lora.quantize import plain_state, quantize_base
@@ -105,7 +106,7 @@ class Trainer:
         if t.init_from.strip() and (self.lora or not (resume and latest_checkpoint(self.out) is not None)):
             path = load_init_weights(cfg, self.net, t.init_from.strip())
             if self.lora:  # the base's sha256 is recorded in config.toml
-                cfg.lora.base_hash = check_base(cfg.lora, path, "--resume" if resume else "train.init_from")
+                cfg.lora.base_hash = check_base(cfg.lora.base_hash, path, "--resume" if resume else "train.init_from")
                 add_adapters(self.net, cfg.lora)
             if self.main:
                 print(f"initialised from {path}" + (f", adapters of rank {cfg.lora.rank}" if self.lora else ""))
@@ -131,6 +132,7 @@ class Trainer:
                                       param_dtype=torch.bfloat16 if self.precision == "bf16" else None,
                                       frozen=self.lora)
         self.ema = EMA(self.net, t.ema_decay, t.ema_warmup, skip=PROJECTOR)
+        self.teacher = Teacher(cfg, self.device, resume) if cfg.distill.enabled else None  # frozen, beside the net
         self.objective = objective_for_run(cfg)
         text = inputs.text_cache(cfg, setup.text_encoder, self.dataset, self.dist, progress)
         self.conditioning = build_conditioning(cfg, self.device, text_encoder=text)
@@ -173,6 +175,7 @@ class Trainer:
             "python_rng": list(random.getstate()[1]),
             "bad_steps": self.bad_steps,
             "bad_streak": self.bad_streak,
+            "teacher_round": self.teacher.round if self.teacher else 0,
         }
 
     def _restore(self) -> None:
@@ -209,6 +212,8 @@ class Trainer:
         self.generator.set_state(state["generator"])
         random.setstate((3, tuple(state["python_rng"]), None))
         self.bad_steps, self.bad_streak = int(state.get("bad_steps", 0)), int(state.get("bad_streak", 0))
+        if self.teacher and state.get("teacher_round", 0):  # a progressive round's teacher: the student it started from
+            self.teacher.load_round(load_weights(ckpt / TEACHER_WEIGHTS), int(state["teacher_round"]))
         if self.main:
             rundir.truncate_log(self.out / "log.jsonl", self.step)
             print(f"resumed from {ckpt} at step {self.step}")
@@ -220,10 +225,10 @@ class Trainer:
     def save(self) -> Path:
         t = self.cfg.train
         model_sd = distributed.full_model_state(self.model, self.sharded)  # collectives: every process
-        extra = None
+        extra = self.teacher.files() if self.teacher and self.main else {}
         if self.aligned and model_sd is not None:  # the projector stays in the checkpoint, out of the sampling weights
             model_sd, projector = split_projector(model_sd)
-            extra = {"repa.safetensors": projector}
+            extra["repa.safetensors"] = projector
         if self.lora and model_sd is not None:  # a LoRA run's weights are its adapters; its base stays where it is
             model_sd = split_adapter(model_sd)[1]
         ema_sd = self.ema.state_dict(keep=self.main)  # only the writing process holds the full EMA
@@ -258,8 +263,10 @@ class Trainer:
             f"settings repeats the same steps: lower train.lr or check the data first.")
 
     def _preempted(self, ckpt: Path) -> Preempted:
+        d = self.cfg.distill
+        again = f"distill {d.teacher} --steps {d.steps}" if d.enabled else "train ..."
         message = (f"stopped by SIGTERM after step {self.step} of {self.cfg.train.steps}: checkpoint {ckpt} is "
-                   f"written; `patchflow train ... --out {self.out} --resume` continues from it "
+                   f"written; `patchflow {again} --out {self.out} --resume` continues from it "
                    f"(exit code {PREEMPTED_EXIT_CODE})")
         if self.main:
             print(f"patchflow train: {message}", file=sys.stderr, flush=True)
@@ -289,7 +296,12 @@ class Trainer:
                 if self.encode:  # pixels -> latents (a latent cache makes this a no-op)
                     x0 = self.codec.encode(x0)
             self.meter.count(x0)
-            cond = self.conditioning.train(y, self.generator, self.dist.shard)
+            teacher = {}
+            if self.teacher:  # a student: the teacher's guided steps need the batch's null condition too
+                cond, null = self.conditioning.train_pair(y, self.generator, self.dist.shard)
+                teacher["teacher"] = self.teacher.at(self.step, self.ema, cond, null)
+            else:
+                cond = self.conditioning.train(y, self.generator, self.dist.shard)
             times = []  # the timesteps the objective drew, for loss_by_t
 
             def model_fn(*inputs):
@@ -299,7 +311,7 @@ class Trainer:
             # gradients are reduced across processes once, in the last micro-batch's backward
             with distributed.grad_sync(self.model, sync=i == t.grad_accum - 1):
                 with autocast:
-                    losses = self.objective.loss(model_fn, x0, self.generator, shard=self.dist.shard)
+                    losses = self.objective.loss(model_fn, x0, self.generator, shard=self.dist.shard, **teacher)
                     loss = diffusion = losses.mean()  # the logged "loss"; REPA's term is logged as "repa"
                     if features:  # REPA: the hidden states the forward kept, against the clean item's features
                         align = self._alignment(x0, features[0]).mean()
