@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("distill", help="train a few-step student of a run (a rectified-flow teacher, any kind)")
+    p = sub.add_parser("distill", help="train a few-step student of a diffusion run (any kind, flow or DDPM)")
     p.add_argument("run_dir", help="the teacher's run directory")
     p.add_argument("--steps", type=int, default=4, help="the student's sampling steps (default 4)")
     p.add_argument("--method", choices=("trajectory", "progressive"), default=None,

@@ -249,9 +249,10 @@ class RunConfig:
         d = self.distill
         if not d.enabled:
             return
-        if self.flow.objective != "rectified":
-            raise ConfigError(f"distill.teacher: distillation fits Euler steps of a rectified flow; flow.objective = "
-                              f"{show(self.flow.objective)} (a DDPM run) cannot be distilled")
+        if self.flow.objective == "ddpm" and (d.method == "progressive" or d.steps < 2):
+            raise ConfigError("distill.teacher: a DDPM run's student takes DDIM steps on DiT's respaced timesteps, "
+                              "which keep timestep 0 alone for one step and do not nest from round to round: use "
+                              "distill.method = \"trajectory\" with distill.steps >= 2")
         if self.train.pack_tokens:
             raise ConfigError("distill.teacher with train.pack_tokens: a student trains on dense batches; set "
                               "train.pack_tokens = 0")

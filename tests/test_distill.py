@@ -14,11 +14,13 @@ import torch
 
 from patchflow.config import ConfigError, load_config
 from patchflow.distill.config import DistillConfig
-from patchflow.distill.objective import DistillObjective, TeacherStep, euler_path, span_times, step_velocity
+from patchflow.distill.objective import DistillObjective, TeacherStep, ddim_path, ddim_span, ddim_target, euler_path
+from patchflow.distill.objective import span_times, step_velocity
+from patchflow.flow.ddpm import GaussianDiffusion
 from patchflow.flow.config import FlowConfig
 from patchflow.flow.guidance import classifier_free
 from patchflow.flow.samplers import flow_timesteps
-from patchflow.pipeline import Pipeline
+from patchflow.pipeline import Pipeline, to_uint8
 from patchflow.run_dir import load_run_config, load_weights
 from patchflow.serve.runs import ServedRun
 from patchflow.train.distill import Teacher, student_config
@@ -95,6 +97,27 @@ def test_guidance_per_sample_interval():
     torch.testing.assert_close(out[1], c[1])
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_ddim_target_lands_where_the_teacher_did(prediction):
+    """One DDIM step with the target output goes from x at t to the teacher's landing point at t_next."""
+    diffusion = GaussianDiffusion.linear(1000, prediction=prediction)
+    g = torch.Generator().manual_seed(4)
+    x, landed = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    t, t_next = torch.tensor([999, 500, 40]), torch.tensor([700, 260, -1])
+    out = ddim_target(diffusion, x, landed, t, t_next)
+    stepped = ddim_path(lambda x_, s: out, diffusion, x, torch.stack([t, t_next], 1))
+    torch.testing.assert_close(stepped, landed, atol=2e-4, rtol=1e-4)
+
+
+def test_ddim_span_is_the_respaced_sampler_grid():
+    """The student's DDIM sampler at N respaced steps walks exactly the span's ends; substeps lie between."""
+    spans = ddim_span(1000, 4, 3, torch.arange(4))
+    keep = GaussianDiffusion.linear(1000).respace(4).timestep_map
+    assert spans[:, 0].tolist() == sorted(keep.tolist(), reverse=True) and spans[-1, -1] == -1
+    assert spans[:, -1].tolist() == sorted(keep.tolist(), reverse=True)[1:] + [-1]
+    assert bool((spans.diff(dim=1) <= 0).all()) and spans.shape == (4, 4)
+
+
 # ---- the [distill] checks -------------------------------------------------------------------------------------
 def test_rounds_and_substeps():
     d = DistillConfig(teacher="t", steps=4)
@@ -107,7 +130,9 @@ def test_rounds_and_substeps():
     (["distill.steps=0"], "distill.steps must be in 1..64"),
     (["distill.guidance=-3"], "distill.guidance must be in"),
     (["train.init_from=\"\""], "a student starts from its teacher's weights"),
-    (["flow.objective=\"ddpm\"", "sample.sampler=\"ddim\""], "cannot be distilled"),
+    (["flow.objective=\"ddpm\"", "sample.sampler=\"ddim\"", "distill.method=\"progressive\""],
+     "use distill.method = \"trajectory\" with distill.steps >= 2"),
+    (["flow.objective=\"ddpm\"", "sample.sampler=\"ddim\"", "distill.steps=1"], "keep timestep 0 alone"),
     (["distill.method=\"progressive\"", "lora.rank=4"], "use distill.method = \"trajectory\""),
 ])
 def test_bad_distill_settings(overrides, message):
@@ -217,6 +242,25 @@ def test_lora_student(teacher, tmp_path):
     assert saved and all("lora" in k for k in saved)
     assert load_run_config(out).lora.base_hash == load_run_config(out).distill.teacher_hash
     assert Pipeline.load(out, device="cpu")([1, 2], seed=0).shape[0] == 2
+
+
+def test_ddpm_student_samples_on_its_trained_grid(tmp_path):
+    """A DDPM teacher (v-prediction, learned sigma): a DDIM student, whose sampler at its steps is the DDIM path
+    over the grid it was trained on."""
+    ddpm = ["model.preset=\"DiT-Micro/4\"", "model.depth=2", "codec.source=\"identity\"", "model.input_size=32",
+            "model.in_channels=1", "train.steps=2", "train.batch_size=4", "sample.steps=8", "train.num_threads=1",
+            "train.sample_every=0", "train.checkpoint_every=2", "sample.sampler=\"ddim\""]
+    train(load_config("digits-ddpm", ddpm), tmp_path / "t", progress=False)
+    cfg = distilled(tmp_path / "t", tmp_path / "s", "trajectory", "train.steps=2", steps=3)
+    assert (cfg.sample.sampler, cfg.sample.steps) == ("ddim", 3)
+    pipe = Pipeline.load(tmp_path / "s", device="cpu")
+    images = pipe([4], seed=0)
+    noise = torch.randn((1, 1, 1, 32, 32), generator=torch.Generator().manual_seed(0))
+    diffusion = GaussianDiffusion.from_config(cfg.flow, cfg.model.learn_sigma)
+    times = torch.cat([ddim_span(1000, 3, 1, torch.tensor([k]))[:, :1] for k in range(3)] + [torch.tensor([[-1]])], 1)
+    with torch.no_grad():
+        x = ddim_path(lambda x_, t: pipe.model(x_, t, y=torch.tensor([4])), diffusion, noise, times)
+    assert np.abs(to_uint8(x)[:, 0].astype(int) - images.astype(int)).max() <= 1
 
 
 def test_text_student(tmp_path, session_cache, monkeypatch):

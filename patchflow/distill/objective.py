@@ -3,7 +3,8 @@
 Both methods fit one student step to several teacher steps, on the student's grid (the teacher's shifted grid, every
 `substeps`-th point): from x_s (a training item noised to grid time s), the teacher's guided Euler steps reach x_s'
 at the next student time s', and the student's velocity at (x_s, s) is fitted to (x_s' - x_s) / (s' - s), the one
-Euler step that lands there. "trajectory" does this once, student steps from teacher steps directly;
+Euler step that lands there. A DDPM teacher is the same with DDIM steps (eta 0) on the respaced timesteps its student
+samples at: the student's output (eps, v or x0) is the one whose DDIM step lands where the teacher's did. "trajectory" does this once, student steps from teacher steps directly;
 "progressive" (Salimans & Ho 2022) halves the steps per round, two teacher steps per student step, each round's
 teacher the student before it. Guidance is folded in: the student samples at guidance 1.
 """
@@ -12,12 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from patchflow.flow import rectified
 from patchflow.flow.config import FlowConfig
+from patchflow.flow.ddpm import GaussianDiffusion, spaced_indices
 from patchflow.flow.draws import global_draw
-from patchflow.flow.objective import RectifiedFlowObjective, draw_noise
+from patchflow.flow.objective import DiffusionObjective, RectifiedFlowObjective, draw_noise
 from patchflow.flow.samplers import flow_timesteps
 
 
@@ -80,3 +83,68 @@ class DistillObjective:
 
     def sample(self, *args, **kwargs) -> torch.Tensor:
         return self.flow.sample(*args, **kwargs)
+
+
+# ---- DDPM teachers: DDIM steps ------------------------------------------------------------------------------------
+def ddim_span(num_timesteps: int, steps: int, substeps: int, index: torch.Tensor) -> torch.Tensor:
+    """(B, substeps + 1) int64 original timesteps from student step `index` (B,) to the next, the student's grid being
+    the `steps` respaced timesteps DDIM samples at (spaced_indices), then -1 (clean); `substeps` teacher steps evenly
+    between (repeats, where an interval is shorter, are steps of length 0)."""
+    grid = np.append(spaced_indices(num_timesteps, steps)[::-1], -1)
+    spans = np.rint(np.linspace(grid[:-1], grid[1:], substeps + 1, axis=1)).astype(np.int64)
+    return torch.from_numpy(spans).to(index.device)[index]
+
+
+def _acp(diffusion: GaussianDiffusion, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """alphas_cumprod at original timesteps t (B,), 1 at t = -1, shaped to broadcast against x."""
+    acp = torch.tensor(np.append(diffusion.alphas_cumprod, 1.0), dtype=torch.float64)[t.cpu()]  # index -1: the 1
+    return acp.to(x.device, torch.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def ddim_path(model_fn, diffusion: GaussianDiffusion, x: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM steps along per-sample original timesteps (B, K + 1); model_fn(x, t) with float t (B,)."""
+    channels = x.shape[1]
+    for j in range(times.shape[1] - 1):
+        t = times[:, j]
+        x0, eps = diffusion.x0_eps(model_fn(x, t.float())[:, :channels], x, t)
+        a = _acp(diffusion, times[:, j + 1], x)
+        x = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    return x
+
+
+def ddim_target(diffusion: GaussianDiffusion, x: torch.Tensor, landed: torch.Tensor, t: torch.Tensor,
+                t_next: torch.Tensor) -> torch.Tensor:
+    """The model output (the diffusion's prediction: eps, v or x0) whose one DDIM step takes x at t to `landed` at
+    t_next: x0 from landed = sqrt(a') x0 + sqrt(1 - a') (x - sqrt(a) x0) / sqrt(1 - a), then its eps."""
+    a, a_next = _acp(diffusion, t, x), _acp(diffusion, t_next, x)
+    c = ((1 - a_next) / (1 - a)).sqrt()
+    x0 = (landed - c * x) / (a_next.sqrt() - c * a.sqrt())
+    eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+    return diffusion.prediction_target(x0, eps, t)
+
+
+class DiffusionDistillObjective:
+    """A DDPM teacher's DDIM student: loss() as DistillObjective's on DDIM steps; sample() the diffusion's own."""
+
+    def __init__(self, cfg: FlowConfig, learn_sigma: bool):
+        self.cfg = cfg
+        self.objective = DiffusionObjective(cfg, learn_sigma)
+        self.diffusion, self.t_max = self.objective.diffusion, self.objective.t_max
+
+    def loss(self, model_fn, x0: torch.Tensor, generator: torch.Generator | None = None,
+             shard: tuple[int, int] = (0, 1), teacher: TeacherStep | None = None) -> torch.Tensor:
+        if teacher is None:
+            raise ValueError("a distillation loss needs its teacher (a TeacherStep)")
+        index = global_draw(x0, generator, shard, lambda n: torch.randint(
+            teacher.steps, (n,), generator=generator, device=x0.device))
+        noise = draw_noise(x0, self.cfg, generator, shard)
+        times = ddim_span(self.diffusion.num_timesteps, teacher.steps, teacher.substeps, index)
+        xt = self.diffusion.q_sample(x0, times[:, 0], noise)
+        with torch.no_grad():
+            landed = ddim_path(teacher.fn, self.diffusion, xt, times)
+            target = ddim_target(self.diffusion, xt, landed, times[:, 0], times[:, -1]).float()
+        pred = model_fn(xt, times[:, 0].float())[:, :x0.shape[1]]  # a learned variance is not distilled
+        return (pred.float() - target).pow(2).flatten(1).mean(1)
+
+    def sample(self, *args, **kwargs) -> torch.Tensor:
+        return self.objective.sample(*args, **kwargs)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from patchflow.distill.objective import DistillObjective
+from patchflow.distill.objective import DiffusionDistillObjective, DistillObjective
 from patchflow.flow.objective import build_objective
 from patchflow.models import build_model
 from patchflow.repa.projector import Projector
@@ -32,6 +32,8 @@ def objective_for_run(cfg):
         from patchflow.train.codec_model import AutoencoderObjective
 
         return AutoencoderObjective(cfg.model)
+    if cfg.distill.enabled and cfg.flow.objective == "ddpm":
+        return DiffusionDistillObjective(cfg.flow, cfg.model.learn_sigma)
     if cfg.distill.enabled:
         return DistillObjective(cfg.flow, getattr(cfg.model, "temporal_patch", 1))
     return build_objective(cfg.flow, cfg.model.learn_sigma, getattr(cfg.model, "temporal_patch", 1))

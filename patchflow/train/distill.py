@@ -11,6 +11,7 @@ from patchflow.checks import ConfigError
 from patchflow.config import apply_overrides, from_dict
 from patchflow.distill.objective import TeacherStep
 from patchflow.flow.guidance import classifier_free
+from patchflow.flow.rectified import TIME_SCALE
 from patchflow.init_weights import check_base, weights_file
 from patchflow.models import build_model
 from patchflow.run_dir import load_into, load_run_config, load_weights
@@ -19,18 +20,21 @@ WEIGHTS = "teacher.safetensors"  # a checkpoint's teacher after the first progre
 
 
 def teacher_config(cfg):
-    """The teacher run's RunConfig, checked against the student's (same model, a flow, a full run)."""
+    """The teacher run's RunConfig, checked against the student's (same model and diffusion, a full run)."""
     d = cfg.distill
     try:
         teacher = load_run_config(d.teacher)
     except FileNotFoundError as e:
         raise ConfigError(f"distill.teacher = {d.teacher!r}: {e}") from None
-    if teacher.kind.codec or teacher.flow.objective != "rectified":
-        raise ConfigError(f"distill.teacher = {d.teacher!r} is a {teacher.flow.objective if not teacher.kind.codec else 'codec'} "
-                          f"run; distillation takes a rectified-flow diffusion run as its teacher")
+    if teacher.kind.codec:
+        raise ConfigError(f"distill.teacher = {d.teacher!r} is a codec run; a teacher is a diffusion run")
     if teacher.lora.enabled:
         raise ConfigError(f"distill.teacher = {d.teacher!r} is a LoRA run: merge it into a full run first "
                           f"(`patchflow lora merge {d.teacher} --out DIR`) and distill that")
+    same = ("objective", "prediction", "schedule", "num_timesteps")
+    if any(getattr(teacher.flow, k) != getattr(cfg.flow, k) for k in same):
+        raise ConfigError(f"[flow] {', '.join(same)} differ from the teacher's ({d.teacher}/config.toml): a student "
+                          f"predicts what its teacher predicts")
     if teacher.model != cfg.model:
         raise ConfigError(f"[model] differs from the teacher's ({d.teacher}/config.toml): a student starts from its "
                           f"teacher's weights, so it keeps its model")
@@ -52,6 +56,7 @@ class Teacher:
         s = self.cfg.sample
         self.guidance = s.guidance if d.guidance < 0 else d.guidance
         self.interval = tuple(s.guidance_interval)
+        self.t_max = float(self.cfg.flow.num_timesteps) if self.cfg.flow.objective == "ddpm" else TIME_SCALE
         self.steps, self.progressive = d.steps, d.method == "progressive"
         teacher_steps = d.teacher_steps or s.steps
         self.rounds = d.rounds(teacher_steps) if self.progressive else 1
@@ -71,7 +76,8 @@ class Teacher:
         if r != self.round:
             self.load_round(ema.state_dict(keep=True), r)
         # a later round's teacher is a student: its guidance is folded in already
-        fn = classifier_free(self.model, cond, null, self.guidance if self.round == 0 else 1.0, interval=self.interval)
+        fn = classifier_free(self.model, cond, null, self.guidance if self.round == 0 else 1.0, interval=self.interval,
+                             t_max=self.t_max)
         return TeacherStep(fn, steps, self.substeps)
 
     def load_round(self, weights: dict, r: int) -> None:
@@ -97,7 +103,7 @@ def student_config(teacher: str | Path, steps: int, method: str | None = None, o
     REPA and adapters off. `overrides` (--set items) come last."""
     data = load_run_config(teacher).to_dict()
     data["train"].update(STUDENT_TRAIN, init_from=str(teacher))
-    data["sample"].update(steps=steps, guidance=1.0, sampler="euler")
+    data["sample"].update(steps=steps, guidance=1.0, sampler="ddim" if data["flow"]["objective"] == "ddpm" else "euler")
     data["distill"] = {"teacher": str(teacher), "steps": steps, **({"method": method} if method else {})}
     data["repa"], data["lora"] = {}, {}
     return from_dict(apply_overrides(data, list(overrides)))
