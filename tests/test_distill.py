@@ -275,6 +275,11 @@ def test_text_student(tmp_path, session_cache, monkeypatch):
     out = Pipeline.load(tmp_path / "s", device="cpu")(prompt="a red 7 on a black background, in the center", n=1,
                                                       seed=0)
     assert out.shape == (1, 32, 32, 3) and len(read_log(tmp_path / "s")) == 2
+    from patchflow.convert.sd3 import export_diffusers_sd3, import_diffusers_sd3  # conversion takes a student too
+
+    back = import_diffusers_sd3(export_diffusers_sd3(tmp_path / "s", tmp_path / "sd3"), tmp_path / "back")
+    a, b = load_weights(tmp_path / "s/ema.safetensors"), load_weights(back / "ema.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cli_distill_and_its_refusals(teacher, tmp_path, capsys):
