@@ -25,7 +25,7 @@ from patchflow.run_dir import load_run_config, load_weights
 from patchflow.serve.runs import ServedRun
 from patchflow.train.distill import Teacher, student_config
 from patchflow.train.run import train
-from run_helpers import cli, read_log
+from run_helpers import cli, kill_9_then_resume, read_log
 
 TINY = ["model.preset=\"DiT-Micro/4\"", "model.depth=2", "train.batch_size=16", "train.lr=1e-3", "train.log_every=1",
         "train.sample_every=0", "sample.steps=8", "train.num_threads=1", "train.checkpoint_every=3"]
@@ -179,6 +179,15 @@ def test_student_run_and_exact_resume(teacher, tmp_path, method):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     same = ("step", "loss", "grad_norm", "lr", "loss_by_t")
     assert [[r[k] for k in same] for r in read_log(cut)] == [[r[k] for k in same] for r in log]
+
+
+def test_kill_9_then_resume_of_a_progressive_student(teacher, tmp_path):
+    """kill -9 past the step-4 checkpoint of an 8-step, 2-round student (its round boundary at step 4), then
+    --resume: the log and weights equal the uninterrupted run's bit for bit."""
+    extra = ["train.steps=8", "train.checkpoint_every=4", "train.precision=\"fp32\""]
+    reference = tmp_path / "reference"
+    distilled(teacher, reference, "progressive", *extra)
+    kill_9_then_resume(student_config(teacher, 2, "progressive", STUDENT + extra), tmp_path, reference)
 
 
 def test_progressive_teacher_is_the_student_of_the_round_before(teacher, tmp_path):
