@@ -4,6 +4,7 @@ methods for a class and a text teacher: exact resume across a progressive round,
 deterministic sampler at the trained steps, a warning at other steps, and the CLI's refusals (exit 2)."""
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -270,6 +271,26 @@ def test_ddpm_student_samples_on_its_trained_grid(tmp_path):
     with torch.no_grad():
         x = ddim_path(lambda x_, t: pipe.model(x_, t, y=torch.tensor([4])), diffusion, noise, times)
     assert np.abs(to_uint8(x)[:, 0].astype(int) - images.astype(int)).max() <= 1
+
+
+def test_the_api_shows_a_students_steps_and_its_warning(teacher, tmp_path):
+    from starlette.testclient import TestClient
+
+    from patchflow.serve import Studio, build_app
+
+    out = tmp_path / "student"
+    distilled(teacher, out, "trajectory", "train.steps=2")
+    studio = Studio([teacher, out], device="cpu")
+    studio.loaded.wait(60)
+    with TestClient(build_app(studio)) as client:
+        runs = {r["name"]: r for r in client.get("/api/runs").json()["runs"]}
+        assert runs["student"]["distilled"]["steps"] == 2 and runs["student"]["steps"] == 2
+        assert runs["teacher"]["distilled"] is None and runs["teacher"]["steps"] == 8
+        for steps, warned in ((None, False), (5, True)):
+            r = client.post("/api/generate", json={"run": "student", "label": 3, "steps": steps})
+            settings = json.loads(r.headers["X-Patchflow-Settings"])
+            assert r.status_code == 200 and settings["steps"] == (steps or 2) and settings["seconds"] > 0
+            assert ("distilled for 2 sampling steps" in " ".join(settings.get("warnings", []))) == warned, settings
 
 
 def test_text_student(tmp_path, session_cache, monkeypatch):

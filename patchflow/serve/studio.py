@@ -61,6 +61,7 @@ class Job:
     total_steps: int = 0
     samples: list = field(default_factory=list)   # uint8 arrays, one per seed
     seconds: list = field(default_factory=list)   # each sample's sampling time
+    notes: list = field(default_factory=list)     # what sampling warned of (a resized input, a student's off steps)
     items: list = field(default_factory=list)     # (bytes, media type, settings)
     error: tuple[int, str] | None = None
     created: float = field(default_factory=time.time)
@@ -87,6 +88,8 @@ class Job:
             strength = kw.get("strength", default_strength(kw.get("mask")))
             s.update(init_image=True, mask="mask" in kw, strength=strength)
         s["seconds"] = round(self.seconds[k], 3)
+        if self.notes:
+            s["warnings"] = self.notes
         if self.lora[0] is not None:
             s["lora"], s["lora_scale"] = self.lora
         s["command"] = reproduce_command(self.run, kw, self.seed + k, self.lora)
@@ -169,9 +172,11 @@ class Studio:
                 job.total_steps, job.done_steps = job.n * total, k * total + done
 
             t0 = time.perf_counter()
-            with warnings.catch_warnings():  # a resized first frame warns; the settings beside it say the size
-                warnings.simplefilter("ignore", UserWarning)
+            with warnings.catch_warnings(record=True) as said:  # the settings beside the sample carry them
+                warnings.simplefilter("always", UserWarning)
                 sample = job.run.pipe(**job.kw, n=1, seed=job.seed + k, progress=progress)[0]
+            job.notes = list(dict.fromkeys([*job.notes, *(str(w.message) for w in said
+                                                          if issubclass(w.category, UserWarning))]))
             job.seconds.append(time.perf_counter() - t0)
             job.samples.append(sample)
             data, media = encode(sample)
