@@ -50,6 +50,8 @@ def sample_seconds(run: Path, batch: int, repeat: int, device: str) -> float:
 
 def headline(result) -> dict:
     """The figures of an eval result that the table shows."""
+    if not result:
+        return {}
     if "accuracy" in result:  # a class run
         return {"accuracy": round(result["accuracy"], 4), "fd": round(result["fd"], 2)}
     if "model" in result:  # a clip run's report
@@ -66,14 +68,17 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--no-scores", action="store_true", help="time only (the scores: `patchflow eval RUN`)")
     ap.add_argument("--out", type=Path, help="a JSON file of the figures")
     args = ap.parse_args()
     rows = []
     for run in args.runs:
         cfg = load_run_config(run)
-        with contextlib.redirect_stdout(io.StringIO()):  # eval's own table; the figures come back as a dict
-            result = evaluate_source(run, EvalOptions(per_class=args.per_class, prompts=args.prompts, seed=args.seed,
-                                                      device=args.device, progress=False))
+        result = {}
+        if not args.no_scores:
+            with contextlib.redirect_stdout(io.StringIO()):  # eval's own table; the figures come back as a dict
+                result = evaluate_source(run, EvalOptions(per_class=args.per_class, prompts=args.prompts,
+                                                          seed=args.seed, device=args.device, progress=False))
         row = {"run": str(run), "steps": cfg.sample.steps, "guidance": cfg.sample.guidance,
                "method": cfg.distill.method if cfg.distill.enabled else "teacher",
                "train_s": training_seconds(run), "sample_s": sample_seconds(run, args.batch, args.repeat, args.device),
