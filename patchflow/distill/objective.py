@@ -53,6 +53,15 @@ def step_velocity(x: torch.Tensor, x_next: torch.Tensor, t: torch.Tensor, t_next
     return (x_next - x) / (t_next - t).reshape((-1,) + (1,) * (x.ndim - 1))
 
 
+def student_draws(x0: torch.Tensor, cfg: FlowConfig, generator, shard, teacher: TeacherStep | None):
+    """(student step (B,), noise like x0) for a batch, drawn for the global batch."""
+    if teacher is None:
+        raise ValueError("a distillation loss needs its teacher (a TeacherStep)")
+    index = global_draw(x0, generator, shard, lambda n: torch.randint(
+        teacher.steps, (n,), generator=generator, device=x0.device))
+    return index, draw_noise(x0, cfg, generator, shard)
+
+
 class DistillObjective:
     """loss() fits a student to a TeacherStep; sample() is the rectified flow's own sampler (a student is an
     ordinary run)."""
@@ -66,13 +75,9 @@ class DistillObjective:
              teacher: TeacherStep | None = None) -> torch.Tensor:
         """Per-sample loss (B,) for x0 (B, C, [T,] H, W): a student step drawn per item, the teacher's guided steps
         over it without gradients, the student's velocity against the step that lands where the teacher did."""
-        if teacher is None:
-            raise ValueError("a distillation loss needs its teacher (a TeacherStep)")
         if isinstance(x0, (list, tuple)):
             raise ValueError("distillation takes dense batches; set train.pack_tokens = 0")
-        index = global_draw(x0, generator, shard, lambda n: torch.randint(
-            teacher.steps, (n,), generator=generator, device=x0.device))
-        noise = draw_noise(x0, self.cfg, generator, shard)
+        index, noise = student_draws(x0, self.cfg, generator, shard, teacher)
         times = span_times(teacher.steps, teacher.substeps, self.cfg.shift, index)
         xt = rectified.interpolate(x0, noise, times[:, 0])
         with torch.no_grad():
@@ -133,11 +138,7 @@ class DiffusionDistillObjective:
 
     def loss(self, model_fn, x0: torch.Tensor, generator: torch.Generator | None = None,
              shard: tuple[int, int] = (0, 1), teacher: TeacherStep | None = None) -> torch.Tensor:
-        if teacher is None:
-            raise ValueError("a distillation loss needs its teacher (a TeacherStep)")
-        index = global_draw(x0, generator, shard, lambda n: torch.randint(
-            teacher.steps, (n,), generator=generator, device=x0.device))
-        noise = draw_noise(x0, self.cfg, generator, shard)
+        index, noise = student_draws(x0, self.cfg, generator, shard, teacher)
         times = ddim_span(self.diffusion.num_timesteps, teacher.steps, teacher.substeps, index)
         xt = self.diffusion.q_sample(x0, times[:, 0], noise)
         with torch.no_grad():

@@ -94,12 +94,13 @@ class Teacher:
 # a student's [train] unless --set says otherwise: a short fine-tune from the teacher's weights
 STUDENT_TRAIN = {"steps": 150, "batch_size": 32, "grad_accum": 1, "lr": 1e-4, "warmup_steps": 0,
                  "lr_schedule": "constant", "ema_decay": 0.99, "ema_warmup": True, "checkpoint_every": 50,
-                 "sample_every": 100, "init_from": ""}
+                 "sample_every": 100}
 
 
 def student_config(teacher: str | Path, steps: int, method: str | None = None, overrides=()):
     """`patchflow distill TEACHER --steps N`: the teacher's config with [distill], a student's [train]
-    (STUDENT_TRAIN, starting from the teacher's EMA) and [sample] at N Euler steps without guidance (folded in);
+    (STUDENT_TRAIN, starting from the teacher's EMA) and [sample] at N Euler steps (DDIM for a DDPM teacher)
+    without guidance (folded in);
     REPA and adapters off. `overrides` (--set items) come last."""
     data = load_run_config(teacher).to_dict()
     data["train"].update(STUDENT_TRAIN, init_from=str(teacher))
