@@ -4,9 +4,10 @@ Both methods fit one student step to several teacher steps, on the student's gri
 `substeps`-th point): from x_s (a training item noised to grid time s), the teacher's guided Euler steps reach x_s'
 at the next student time s', and the student's velocity at (x_s, s) is fitted to (x_s' - x_s) / (s' - s), the one
 Euler step that lands there. A DDPM teacher is the same with DDIM steps (eta 0) on the respaced timesteps its student
-samples at: the student's output (eps, v or x0) is the one whose DDIM step lands where the teacher's did. "trajectory" does this once, student steps from teacher steps directly;
-"progressive" (Salimans & Ho 2022) halves the steps per round, two teacher steps per student step, each round's
-teacher the student before it. Guidance is folded in: the student samples at guidance 1.
+samples at: the student's output (eps, v or x0) is the one whose DDIM step lands where the teacher's did.
+"trajectory" does this once, student steps from teacher steps directly; "progressive" (Salimans & Ho 2022) halves
+the steps per round, two teacher steps per student step, each round's teacher the student before it. Guidance is
+folded in: the student samples at guidance 1.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 
 from patchflow.flow import rectified
 from patchflow.flow.config import FlowConfig
-from patchflow.flow.ddpm import GaussianDiffusion, spaced_indices
+from patchflow.flow.ddpm import GaussianDiffusion, _gather, spaced_indices
 from patchflow.flow.draws import global_draw
 from patchflow.flow.objective import DiffusionObjective, RectifiedFlowObjective, draw_noise
 from patchflow.flow.samplers import flow_timesteps
@@ -102,8 +103,7 @@ def ddim_span(num_timesteps: int, steps: int, substeps: int, index: torch.Tensor
 
 def _acp(diffusion: GaussianDiffusion, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """alphas_cumprod at original timesteps t (B,), 1 at t = -1, shaped to broadcast against x."""
-    acp = torch.tensor(np.append(diffusion.alphas_cumprod, 1.0), dtype=torch.float64)[t.cpu()]  # index -1: the 1
-    return acp.to(x.device, torch.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+    return _gather(np.append(diffusion.alphas_cumprod, 1.0), t, x)  # index -1: the appended 1
 
 
 def ddim_path(model_fn, diffusion: GaussianDiffusion, x: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
