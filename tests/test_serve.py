@@ -486,10 +486,13 @@ def test_requests_pick_an_adapter_by_name_and_get_what_sample_lora_draws(runs, t
     from patchflow.lora.files import Adapter
 
     path = write(Adapter(adapter, 2, 2.0, arch="mmdit"), model_cfg, "kohya", tmp_path / "style.safetensors")
-    studio = Studio([runs["t2i"], runs["digits"]], device="cpu", loras=[str(path)])
+    (tmp_path / "typo.safetensors").write_bytes(b"not an adapter")
+    studio = Studio([runs["t2i"], runs["digits"]], device="cpu", loras=[str(path), str(tmp_path / "typo.safetensors")])
     studio.wait_loaded()
     info = {r["name"]: r for r in studio.runs_info()}
     assert info["t2i"]["loras"] == ["style"] and info["digits"]["loras"] == []  # offered where it fits
+    assert list(studio.unused_loras) == ["typo"]  # fits nothing: said at start, with each run's reason
+    assert "run 't2i'" in studio.unused_loras["typo"] and "run 'digits'" in studio.unused_loras["typo"]
 
     def draw(**kw):
         job = studio.submit(GenerateRequest(run="t2i", prompt=TEXT_PROMPT, seed=3, steps=2, **kw))

@@ -20,6 +20,7 @@ Routes (JSON errors everywhere: {"error": message}; 4xx for a request's fault, t
 from __future__ import annotations
 
 import re
+import sys
 import threading
 import time
 import warnings
@@ -81,6 +82,9 @@ def serve(runs: list[str | Path], host: str = "127.0.0.1", port: int = 7860, dev
 
     def ready() -> None:  # say when the models are in memory: the first request is then served at once
         studio.loaded.wait()
+        for name, why in studio.unused_loras.items():  # another base's adapter or a corrupt file: say so rather than offer it nowhere
+            print(f"patchflow serve: warning: --lora {name!r} fits none of the served runs and is not offered ({why})",
+                  file=sys.stderr, flush=True)
         if studio.load_error is None:
             print(f"patchflow serve: ready ({time.perf_counter() - t0:.1f} s after start)", flush=True)
         else:  # a run that cannot load (missing weights, a codec gone): stop, rather than serve 503s

@@ -130,9 +130,9 @@ def lora_names(specs: list[str]) -> dict[str, str]:
     return out
 
 
-def fitting_loras(run: ServedRun, adapters: dict[str, str], ema: bool = True) -> dict:
+def fitting_loras(run: ServedRun, adapters: dict[str, str], ema: bool = True, why: dict | None = None) -> dict:
     """The adapters that fit a loaded run (its arch, base and shapes): {name: (source, Adapter)}; the rest are
-    left out (another served run may take them)."""
+    left out (another served run may take them), each with the reason in `why[name][run.name]`."""
     from patchflow.checks import ConfigError
     from patchflow.lora.apply import add, read_for
     from patchflow.lora.run import sampling_base
@@ -143,7 +143,9 @@ def fitting_loras(run: ServedRun, adapters: dict[str, str], ema: bool = True) ->
         try:  # every check `patchflow sample --lora` makes
             adapter = read_for(source, cfg.model, base)
             add(run.base, adapter, 0.0, source)
-        except (ConfigError, ValueError):
+        except (ConfigError, ValueError) as e:
+            if why is not None:
+                why.setdefault(name, {})[run.name] = str(e)
             continue
         fits[name] = (source, adapter)
     return fits

@@ -115,6 +115,7 @@ class Studio:
         self.paths = check_runs(runs)
         self.names = run_names(self.paths)
         self.adapters = lora_names(list(loras))
+        self.unused_loras: dict[str, str] = {}  # adapter name -> why no served run takes it (said at start)
         self.device, self.use_ema = device, use_ema
         self.runs: dict[str, ServedRun] = {}
         self.loaded = threading.Event()
@@ -132,14 +133,18 @@ class Studio:
         from patchflow.pipeline import Pipeline
 
         try:
+            refused: dict[str, dict[str, str]] = {}
             for name, path in zip(self.names, self.paths):
                 pipe = Pipeline.load(path, ema=self.use_ema, device=self.device)
                 run = ServedRun(name, path, pipe, example_prompt(pipe.cfg), class_names(path))
                 if self.adapters:  # the run's own weights stay on the side, to merge a request's adapter into
                     run.base = {k: v.detach().cpu().clone() for k, v in pipe.model.state_dict().items()}
-                    run.loras = fitting_loras(run, self.adapters, self.use_ema)
+                    run.loras = fitting_loras(run, self.adapters, self.use_ema, refused)
                     run.base = run.base if run.loras else None
                 self.runs[name] = run
+            taken = {a for run in self.runs.values() for a in run.loras}
+            self.unused_loras = {a: "; ".join(f"run {r!r}: {e}" for r, e in refused.get(a, {}).items())
+                                 for a in self.adapters if a not in taken}
         except Exception as e:  # noqa: BLE001 -- reported by serve(), which then stops, and on every request
             self.load_error = f"could not load run {str(path)!r}: {e}"
         finally:
