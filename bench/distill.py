@@ -6,7 +6,8 @@ sampling time per image (or clip), and the training time of each run from its lo
 
 Sampling time: --batch samples of one batch, after one warm-up batch, the best of --repeat, on the CPU unless
 --device says otherwise. Training time: the sum over log.jsonl's windows of steps / steps_per_s (sampling previews
-and checkpoints left out), so the ratio student / teacher is the distillation's share of the teacher's training.
+and checkpoints left out), the teacher's with the runs it started from (train.init_from, e.g. the image stage of
+`patchflow demo moving-digits`), so the ratio student / teacher is the distillation's share of the teacher's training.
 """
 from __future__ import annotations
 
@@ -31,6 +32,18 @@ def training_seconds(run: Path) -> float:
         if r.get("steps_per_s"):
             total += (r["step"] - last) / r["steps_per_s"]
         last = r["step"]
+    return total
+
+
+def teacher_seconds(run: Path) -> float:
+    """A teacher's training seconds, with the runs it started from (train.init_from: the image stage of a
+    two-stage `patchflow demo moving-digits`), since the student stands in for all of that training."""
+    total, seen = 0.0, set()
+    while run is not None and (run / "log.jsonl").is_file() and run.resolve() not in seen:
+        seen.add(run.resolve())
+        total += training_seconds(run)
+        start = load_run_config(run).train.init_from
+        run = Path(start) if start and not load_run_config(run).lora.enabled else None
     return total
 
 
@@ -81,7 +94,7 @@ def main() -> None:
                                                           seed=args.seed, device=args.device, progress=False))
         row = {"run": str(run), "steps": cfg.sample.steps, "guidance": cfg.sample.guidance,
                "method": cfg.distill.method if cfg.distill.enabled else "teacher",
-               "train_s": training_seconds(run), "sample_s": sample_seconds(run, args.batch, args.repeat, args.device),
+               "train_s": training_seconds(run) if rows else teacher_seconds(run), "sample_s": sample_seconds(run, args.batch, args.repeat, args.device),
                "scores": result}
         rows.append(row)
         print(f"{run}: {row['method']}, {row['steps']} steps, guidance {row['guidance']}: "
