@@ -34,7 +34,7 @@ def probe(run: str, prompts: int, sdedit: int, strengths: list[float], seed: int
     out = {"run": run, "still": digit_rate(pipe(prompt=texts[:prompts], frames=1, seed=seed), texts[:prompts])}
     firsts = [data.render(i)[0][:1] for i in items[:sdedit]]  # (1, 32, 32, 3) each
     for s in strengths:
-        stills = np.stack([pipe(prompt=p, video=f, strength=s, frames=1, seed=seed)[0]
+        stills = np.stack([pipe(prompt=p, video=f, strength=s, seed=seed)[0]  # a one-frame clip stays one frame
                            for p, f in zip(texts[:sdedit], firsts)])
         out[f"sdedit {s}"] = digit_rate(stills, texts[:sdedit])
     return out
