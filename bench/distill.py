@@ -42,8 +42,8 @@ def teacher_seconds(run: Path) -> float:
     while run is not None and (run / "log.jsonl").is_file() and run.resolve() not in seen:
         seen.add(run.resolve())
         total += training_seconds(run)
-        start = load_run_config(run).train.init_from
-        run = Path(start) if start and not load_run_config(run).lora.enabled else None
+        cfg = load_run_config(run)
+        run = Path(cfg.train.init_from) if cfg.train.init_from and not cfg.lora.enabled else None
     return total
 
 
