@@ -94,7 +94,8 @@ def main() -> None:
                                                           seed=args.seed, device=args.device, progress=False))
         row = {"run": str(run), "steps": cfg.sample.steps, "guidance": cfg.sample.guidance,
                "method": cfg.distill.method if cfg.distill.enabled else "teacher",
-               "train_s": training_seconds(run) if rows else teacher_seconds(run), "sample_s": sample_seconds(run, args.batch, args.repeat, args.device),
+               "train_s": training_seconds(run) if rows else teacher_seconds(run),  # rows[0]: the teacher
+               "sample_s": sample_seconds(run, args.batch, args.repeat, args.device),
                "scores": result}
         rows.append(row)
         print(f"{run}: {row['method']}, {row['steps']} steps, guidance {row['guidance']}: "

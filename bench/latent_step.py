@@ -30,6 +30,21 @@ def batches(trainer: Trainer):
     return iter(loader)
 
 
+def median_step_times(trainers: dict[str, Trainer], warmup: int, steps: int) -> dict[str, float]:
+    """{name: median seconds of a training step}, each trainer warmed up, then timed step by step, interleaved
+    with the others so that drifts of the machine fall on all of them alike."""
+    runs = {name: (trainer, batches(trainer), []) for name, trainer in trainers.items()}
+    for trainer, it, _ in runs.values():
+        for _ in range(warmup):
+            trainer.train_step(it)
+    for _ in range(steps):
+        for trainer, it, times in runs.values():
+            t0 = time.perf_counter()
+            trainer.train_step(it)
+            times.append(time.perf_counter() - t0)
+    return {name: statistics.median(times) for name, (_, _, times) in runs.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", choices=["latents", "text"], default="latents", help="which cache to switch")
@@ -41,30 +56,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     key = "codec.cache" if args.cache == "latents" else "text.cache"
     config = args.config or ("digits-latent" if args.cache == "latents" else "color-digits")
-    runs = {}
+    trainers = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, cache in ((f"cached {args.cache}", "auto"), ("encode every step", "off")):
             cfg = load_config(config, [f"{key}=\"{cache}\"", "train.sample_every=0",
                                        f"train.num_threads={args.threads}"])
-            trainer = build_trainer(cfg, f"{tmp}/{cache}", progress=False)  # a codec preset trained first
-            runs[name] = (trainer, batches(trainer), [])
-        for trainer, it, _ in runs.values():
-            for _ in range(args.warmup):
-                trainer.train_step(it)
-        for _ in range(args.steps):
-            for trainer, it, times in runs.values():
-                t0 = time.perf_counter()
-                trainer.train_step(it)
-                times.append(time.perf_counter() - t0)
-    batch = next(iter(runs.values()))[0].cfg.train.batch_size
+            trainers[name] = build_trainer(cfg, f"{tmp}/{cache}", progress=False)  # a codec preset trained first
+        medians = median_step_times(trainers, args.warmup, args.steps)
+    batch = next(iter(trainers.values())).cfg.train.batch_size
     base = None
-    for name, (trainer, _, times) in runs.items():
-        med = statistics.median(times)
+    for name, trainer in trainers.items():
+        med = medians[name]
         base = base or med
         print(f"{name:18s} {key} = {trainer.cfg.text.cache if args.cache == 'text' else trainer.cfg.codec.cache:4s}"
               f"  median step {1000 * med:7.1f} ms  "
               f"{batch / med:7.1f} images/s  ({med / base:.2f}x the cached step)")
-
 
 if __name__ == "__main__":
     main()

@@ -2,11 +2,12 @@
 
     python bench/repa_cost.py [--config digits] [--encoder world|DIR] [--steps 40] [--threads 2]
 
-Two trainers from the same config (one size of item: not for bucketed clips), REPA off and on (`repa.encoder`; its features computed once into the feature
-cache before the first step, as `patchflow train` does), timed step by step, interleaved, after a warm-up: the
-median step time of each and the ratio (the issue's bar: at most 1.10x). Then the frozen encoder itself over one
-batch of the data's clean images (the pass each step would make without the cache), its median time and its share
-of the REPA-off step. `--encoder DIR` takes a transformers vision directory (DINOv2, SigLIP, CLIP) instead of the
+Two trainers from the same config (one size of item: not for bucketed clips), REPA off and on (`repa.encoder`;
+its features computed once into the feature cache before the first step, as `patchflow train` does), timed step
+by step, interleaved, after a warm-up (`latent_step.median_step_times`): the median step time of each and the
+ratio (the issue's bar: at most 1.10x). Then the frozen encoder itself over one batch of the data's clean images
+(the pass each step would make without the cache), its median time and its share of the REPA-off step.
+`--encoder DIR` takes a transformers vision directory (DINOv2, SigLIP, CLIP) instead of the
 world encoder. Run on an idle machine.
 """
 from __future__ import annotations
@@ -20,10 +21,11 @@ import time
 import torch
 
 from patchflow.config import load_config
-from patchflow.data import ResumableBatchSampler
 from patchflow.train.run import build_trainer
 from patchflow.vision import load_vision_encoder
 from patchflow.vision.world import training_images
+
+from latent_step import median_step_times  # bench/, the script's own folder
 
 
 def main() -> None:
@@ -36,27 +38,16 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     common = ["train.sample_every=0", f"train.num_threads={args.threads}"]
-    runs = {}
+    trainers = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, encoder in (("REPA off", ""), ("REPA on (cached features)", args.encoder)):
             cfg = load_config(args.config, [*common, f"repa.encoder={json.dumps(encoder)}"])
-            trainer = build_trainer(cfg, f"{tmp}/{len(runs)}", progress=False)
-            sampler = ResumableBatchSampler(len(trainer.dataset), cfg.train.batch_size, seed=cfg.train.seed)
-            runs[name] = (trainer, iter(torch.utils.data.DataLoader(trainer.dataset, batch_sampler=sampler)), [])
-        for trainer, it, _ in runs.values():
-            for _ in range(args.warmup):
-                trainer.train_step(it)
-        for _ in range(args.steps):
-            for trainer, it, times in runs.values():
-                t0 = time.perf_counter()
-                trainer.train_step(it)
-                times.append(time.perf_counter() - t0)
-    base = statistics.median(next(iter(runs.values()))[2])
-    for name, (trainer, _, times) in runs.items():
-        med = statistics.median(times)
+            trainers[name] = build_trainer(cfg, f"{tmp}/{len(trainers)}", progress=False)
+        medians = median_step_times(trainers, args.warmup, args.steps)
+    base = medians["REPA off"]
+    for name, med in medians.items():
         print(f"{name:28s} median step {1000 * med:7.1f} ms ({med / base:.3f}x)")
 
-    cfg = next(iter(runs.values()))[0].cfg
     encoder = load_vision_encoder(args.encoder, cfg.data, progress=False).eval()
     images, _ = training_images(cfg.data, cfg.train.batch_size, seed=0)  # every frame of a clip is one image
     times = []

@@ -82,7 +82,7 @@ def serve(runs: list[str | Path], host: str = "127.0.0.1", port: int = 7860, dev
 
     def ready() -> None:  # say when the models are in memory: the first request is then served at once
         studio.loaded.wait()
-        for name, why in studio.unused_loras.items():  # another base's adapter or a corrupt file: say so rather than offer it nowhere
+        for name, why in studio.unused_loras.items():  # another base's adapter, a corrupt file: said, not hidden
             print(f"patchflow serve: warning: --lora {name!r} fits none of the served runs and is not offered ({why})",
                   file=sys.stderr, flush=True)
         if studio.load_error is None:
