@@ -516,7 +516,7 @@ def test_a_class_dit_on_clips_samples_whole_clips(tmp_path):
     sets = ["model.preset=\"DiT-Micro/4\"", "model.input_size=16", "model.in_channels=3", "model.frames=2",
             "model.num_classes=2", "data.dataset=\"video\"", f"data.path=\"{tmp_path / 'clips'}\"",
             "data.image_size=16", "data.channels=3", "data.frames=2", "train.steps=2", "train.batch_size=4",
-            "train.sample_every=0", "train.num_threads=1", "sample.steps=2"]
+            "train.sample_every=0", "train.num_threads=1", "sample.steps=2", 'repa.encoder=""']
     assert main(["train", "digits", "--out", str(run), "--quiet"] + [a for s in sets for a in ("--set", s)]) == 0
     clips = Pipeline.load(run, device="cpu")(labels=[0, 1], seed=3)
     assert clips.shape == (2, 2, 16, 16, 3) and clips.dtype == np.uint8

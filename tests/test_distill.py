@@ -29,7 +29,7 @@ from patchflow.train.run import train
 from run_helpers import cli, kill_9_then_resume, read_log
 
 TINY = ["model.preset=\"DiT-Micro/4\"", "model.depth=2", "train.batch_size=16", "train.lr=1e-3", "train.log_every=1",
-        "train.sample_every=0", "sample.steps=8", "train.num_threads=1", "train.checkpoint_every=3"]
+        "train.sample_every=0", "sample.steps=8", "train.num_threads=1", "train.checkpoint_every=3", 'repa.encoder=""']
 STUDENT = ["train.batch_size=4", "train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=0",
            "train.num_threads=1", "train.log_every=1"]
 

@@ -15,7 +15,10 @@ from patchflow.train.run import train
 pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
 
 SETTINGS = ['model.preset="DiT-Micro/4"', "train.batch_size=16", "train.lr=1e-3", "train.log_every=1",
-            "train.sample_every=0", "train.ema_decay=0.99", "train.num_threads=1"]
+            "train.sample_every=0", "train.ema_decay=0.99", "train.num_threads=1",
+            # the earlier preset's recipe, pinned: with the faster one (REPA, shift 3, beta2 0.95, a shorter warmup)
+            # the last bits of FSDP's reduction order grow past atol within 8 steps
+            'repa.encoder=""', "flow.shift=1.0", "train.betas=[0.9, 0.999]", "train.warmup_steps=100"]
 
 
 def cfg(*extra):

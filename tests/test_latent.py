@@ -27,7 +27,7 @@ CODEC = ["model.arch=\"autoencoder\"", "model.in_channels=1", "model.latent_chan
          "train.ema_decay=0.9", "train.checkpoint_every=100", "train.num_threads=1"]
 DIT = ["model.preset=\"DiT-Micro/4\"", "model.input_size=16", "model.in_channels=2", "train.batch_size=16",
        "train.lr=1e-3", "train.log_every=1", "train.sample_every=0", "train.ema_decay=0.99", "sample.n=4",
-       "sample.steps=4", "train.num_threads=1"]
+       "sample.steps=4", "train.num_threads=1", 'repa.encoder=""']
 
 
 def read_log(run):

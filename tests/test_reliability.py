@@ -30,7 +30,7 @@ from patchflow.train.trainer import PREEMPTED_EXIT_CODE, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.preset=\"DiT-Micro/4\"", "train.batch_size=16", "train.lr=1e-3", "train.log_every=1",
-        "train.sample_every=0", "train.ema_decay=0.99", "sample.n=4", "sample.steps=4"]
+        "train.sample_every=0", "train.ema_decay=0.99", "sample.n=4", "sample.steps=4", 'repa.encoder=""']
 RUN = TINY + ["train.checkpoint_every=3", "train.keep_checkpoints=2", "train.num_threads=1"]
 STEPS = 24
 

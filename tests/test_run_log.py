@@ -10,7 +10,8 @@ from patchflow.train.run_log import TimestepBins, model_times
 from patchflow.train.run import train
 
 TINY = ["model.preset=\"DiT-Micro/4\"", "train.batch_size=16", "train.lr=1e-3", "train.log_every=5",
-        "train.sample_every=10", "train.checkpoint_every=10", "train.ema_decay=0.99", "sample.n=4", "sample.steps=2"]
+        "train.sample_every=10", "train.checkpoint_every=10", "train.ema_decay=0.99", "sample.n=4", "sample.steps=2",
+        'repa.encoder=""']
 
 
 def read_log(run):

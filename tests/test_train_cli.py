@@ -12,7 +12,7 @@ from patchflow.config import load_config
 from patchflow.train.run import train
 
 TINY = ["model.preset=\"DiT-Micro/4\"", "train.batch_size=16", "train.lr=1e-3", "train.log_every=1",
-        "train.sample_every=0", "train.ema_decay=0.99", "sample.n=4", "sample.steps=4"]
+        "train.sample_every=0", "train.ema_decay=0.99", "sample.n=4", "sample.steps=4", 'repa.encoder=""']
 
 
 def tiny_cfg(*extra):

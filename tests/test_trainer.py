@@ -7,7 +7,7 @@ from patchflow.data import ResumableBatchSampler
 from patchflow.train.trainer import Trainer
 
 TINY = ['model.preset="DiT-Micro/4"', "train.batch_size=8", "train.lr=1e-3", "train.sample_every=0",
-        "train.num_threads=1", 'train.precision="fp32"']
+        "train.num_threads=1", 'train.precision="fp32"', 'repa.encoder=""']
 
 
 def test_a_train_step_runs_without_fit(tmp_path):
