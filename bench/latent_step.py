@@ -72,5 +72,6 @@ def main() -> None:
               f"  median step {1000 * med:7.1f} ms  "
               f"{batch / med:7.1f} images/s  ({med / base:.2f}x the cached step)")
 
+
 if __name__ == "__main__":
     main()

@@ -48,6 +48,7 @@ def main() -> None:
     for name, med in medians.items():
         print(f"{name:28s} median step {1000 * med:7.1f} ms ({med / base:.3f}x)")
 
+    cfg = trainers["REPA off"].cfg  # both sides read the same data
     encoder = load_vision_encoder(args.encoder, cfg.data, progress=False).eval()
     images, _ = training_images(cfg.data, cfg.train.batch_size, seed=0)  # every frame of a clip is one image
     times = []

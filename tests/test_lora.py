@@ -117,10 +117,10 @@ def test_bad_lora_settings_are_config_errors(overrides, message):
 
 
 # ---- runs ----------------------------------------------------------------------------------------------------
+# the preset's REPA off: its projector would train beside the adapters
 TINY = ["model.preset=\"DiT-Micro/4\"", "model.depth=2", "train.batch_size=16", "train.lr=1e-3", "train.log_every=1",
         "train.sample_every=0", "train.ema_decay=0.99", "sample.n=4", "sample.steps=4", "train.num_threads=1",
-        "train.checkpoint_every=4", "train.keep_checkpoints=2", "repa.encoder=\"\""]  # the preset's REPA off:
-# its projector would train beside the adapters
+        "train.checkpoint_every=4", "train.keep_checkpoints=2", "repa.encoder=\"\""]
 
 
 @pytest.fixture(scope="module")
