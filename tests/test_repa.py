@@ -131,4 +131,4 @@ def test_repa_is_refused_where_it_has_no_meaning():
         load_config("codec-digits", ["repa.encoder=\"world\""])
     with pytest.raises(ConfigError, match="train.pack_tokens"):
         load_config("moving-digits", ["repa.encoder=\"world\"", "train.pack_tokens=256", "data.buckets=[]"])
-    assert not load_config("color-digits").repa.enabled  # off unless asked for
+    assert not load_config("moving-digits").repa.enabled  # off unless asked for (the video stage's preset)

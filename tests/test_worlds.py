@@ -481,3 +481,30 @@ def test_items_are_cheap(color, moving):
     per_clip = (time.perf_counter() - t) / 50
     # generous bounds (the machine may be busy); typically ~0.15 ms per image and ~0.3 ms per 9-frame clip
     assert per_image < 2e-3 and per_clip < 10e-3, (per_image, per_clip)
+
+
+def test_number_share_draws_more_numbers_in_training_only():
+    """data.number_share changes the share of two-digit numbers among the training items, reaches the cache key,
+    and leaves the validation split (the held-out prompts) as the world draws it."""
+    from patchflow.config import ConfigError
+    from patchflow.data.latent_cache import data_identity
+
+    def share(ds, n=600):
+        return np.mean([ds.attributes(i)["kind"] == "number" for i in range(n)])
+
+    assert DataConfig().number_share == cd.NUMBER_PROBABILITY  # one default, the world's
+    cfg = DataConfig(dataset="color-digits", number_share=0.5)
+    cfg.validate()
+    train, val = build_dataset(cfg, "train", text=True), build_dataset(cfg, "val", text=True)
+    assert abs(share(train) - 0.5) < 0.06 and abs(share(ColorDigitsDataset("train")) - 0.25) < 0.05
+    assert share(val) == share(ColorDigitsDataset("val"))  # held out: the same items as without the option
+    assert [val[i][1] for i in range(20)] == [ColorDigitsDataset("val", target="paraphrase")[i][1] for i in range(20)]
+    assert share(ColorDigitsDataset("train", number_share=1.0), 50) == 1.0
+    assert data_identity(cfg)["number_share"] == 0.5
+    assert "number_share" not in data_identity(DataConfig(dataset="color-digits"))  # old caches keep their folder
+    with pytest.raises(ConfigError, match="color-digits"):
+        DataConfig(dataset="moving-digits", number_share=0.5).validate()
+    with pytest.raises(ConfigError, match="0..1"):
+        DataConfig(dataset="color-digits", number_share=1.5).validate()
+    with pytest.raises(ValueError, match="number_share"):
+        ColorDigitsDataset("train", number_share=-0.1)

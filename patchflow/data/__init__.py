@@ -37,7 +37,8 @@ def build_dataset(cfg: DataConfig, split: str = "train", text: bool = False) -> 
     if cfg.dataset == "color-digits":
         from patchflow.data.color_digits import ColorDigitsDataset
 
-        return ColorDigitsDataset(split=split, seed=cfg.seed, target=target)
+        share = cfg.number_share if split == "train" else None  # held-out items keep the world's proportions
+        return ColorDigitsDataset(split=split, seed=cfg.seed, target=target, number_share=share)
     if cfg.dataset == "moving-digits":
         from patchflow.data.moving_digits import MovingDigitsDataset
 

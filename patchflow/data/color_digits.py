@@ -37,7 +37,8 @@ its bounding box of ink pixels. Every ink pixel lies in rows and columns 1-30 (>
 - A number: its two digits at one ink height of 14-20 px (each at most 13 px wide), tops aligned, 1-3 empty
   columns between their ink boxes; the pair's centre of mass within 0.5 px of the canvas centre. A pair that
   would not fit is made shorter (not below 14 px; a pair still too wide at 14 px is narrowed).
-Proportions: 25% numbers (10-99 uniformly), the rest single digits, the five positions equally likely.
+Proportions: 25% numbers (10-99 uniformly), the rest single digits, the five positions equally likely. A training
+run may draw numbers more often (`number_share`, `data.number_share`); the validation split keeps 25%.
 The stroke is an alpha mask blended between the background and the digit colour.
 
 Item i of a split is a pure function of (split, seed, i), drawn on the fly; train items use only the train
@@ -160,12 +161,20 @@ class ColorDigitsDataset(World):
     """Items (x, label): x float32 (3, 1, 32, 32) in [-1, 1]; label = the digit (0-9), for a number its first
     digit. `target="caption"` / `"paraphrase"` gives the caption string instead of the label.
 
-    Default sizes: 20,000 train items, 1,000 validation items (`size` overrides).
+    Default sizes: 20,000 train items, 1,000 validation items (`size` overrides). `number_share`: the share of
+    two-digit numbers (None: the world's 0.25).
     """
 
     WORLD = 1
     SIZES = {"train": 20_000, "val": 1_000}
     parse_caption = staticmethod(parse_caption)
+
+    def __init__(self, split: str = "train", seed: int = 0, size: int | None = None, target: str = "label",
+                 number_share: float | None = None):
+        super().__init__(split, seed, size, target)
+        self.number_share = NUMBER_PROBABILITY if number_share is None else float(number_share)
+        if not 0 <= self.number_share <= 1:
+            raise ValueError(f"number_share must be in 0..1, got {number_share!r}")
 
     def attributes(self, i: int) -> dict:
         """Everything about item i: the CAPTION_FIELDS, plus `size` (ink height of each glyph, px), `boxes`
@@ -176,7 +185,7 @@ class ColorDigitsDataset(World):
         `split_index` (its index in this split's digits)."""
         rng, g = self.rng(i), self.glyphs
         color, background = pick_colors(rng)
-        if rng.random() < NUMBER_PROBABILITY:
+        if rng.random() < self.number_share:
             kind, position = "number", "centre"
             digits = (int(rng.integers(1, 10)), int(rng.integers(10)))
             h0 = int(rng.integers(NUMBER_HEIGHT[0], NUMBER_HEIGHT[1] + 1))

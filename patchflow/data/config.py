@@ -27,6 +27,8 @@ class DataConfig:
     mix_images: int = 0                   # moving-digits: add this many color-digits images as one-frame clips
     start_grid: int = 0                   # moving-digits: start each clip with its digit on this pixel grid (0:
                                           # anywhere, as the world draws; 8: one token of the demo's model)
+    number_share: float = 0.25            # color-digits: the share of two-digit numbers among the training items
+                                          # (the world draws 0.25; its validation split always does)
 
     def validate(self) -> None:
         """Checks values only; whether `path` exists is checked when the data set is built (a run's saved
@@ -60,6 +62,11 @@ class DataConfig:
         if not 0 <= self.start_grid <= 32:
             raise ConfigError(f"data.start_grid must be 0 (starts anywhere) or a grid spacing of 1-32 px, "
                               f"got {self.start_grid}")
+        if self.number_share != 0.25 and self.dataset != "color-digits":
+            raise ConfigError("data.number_share sets the share of numbers among the color-digits world's training "
+                              f"items; data.dataset = {show(self.dataset)}: leave it out")
+        if not 0 <= self.number_share <= 1:
+            raise ConfigError(f"data.number_share must be a fraction in 0..1, got {self.number_share}")
         if not 0 <= self.mix_images <= 20_000:
             raise ConfigError(f"data.mix_images must be in 0..20000 (the color-digits training images), "
                               f"got {self.mix_images}")

@@ -54,6 +54,8 @@ def data_identity(cfg: DataConfig) -> dict:
         d["world_version"] = WORLD_VERSIONS[cfg.dataset]
     if cfg.start_grid:  # only when set, so the caches of runs without it keep their folder
         d["start_grid"] = cfg.start_grid
+    if cfg.number_share != 0.25:  # likewise
+        d["number_share"] = cfg.number_share
     if d["path"]:
         d["path"] = str(Path(d["path"]).expanduser().resolve())
     if cfg.dataset == "captions":
