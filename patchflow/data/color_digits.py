@@ -50,6 +50,7 @@ import re
 
 import numpy as np
 
+from patchflow.data.config import NUMBER_SHARE
 from patchflow.data.worlds import (
     CENTRE, COLOR_NAMES, COLORS, DIGIT_WORDS, MARGIN, SIZE, World, article, check_colors, compose, mass_centre,
     normalize, parse_digit, paste, pick_colors,
@@ -72,7 +73,7 @@ _POSITION_OF = {phrase: pos for pos, phrases in POSITION_VARIANTS.items() for ph
 CAPTION_FIELDS = ("kind", "digits", "number", "digit", "color", "color_rgb", "background", "background_rgb",
                   "position")
 COLOR_SYNONYMS = {"grey": "gray"}
-NUMBER_PROBABILITY = 0.25
+NUMBER_PROBABILITY = NUMBER_SHARE  # of an item (a training run may ask for more: `number_share`)
 CANONICAL_SHARE = 0.5  # of paraphrased captions, the share that stays canonical
 WORD_PROBABILITY = GREY_PROBABILITY = 0.5  # within a paraphrase
 

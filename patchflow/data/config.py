@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from patchflow.checks import ConfigError, choice, positive, show
 
 WORLDS = ("digits", "color-digits", "moving-digits")  # the built-in data sets (need no data.path)
+NUMBER_SHARE = 0.25  # the color-digits world's share of two-digit numbers (its validation split always keeps it)
 
 
 @dataclass
@@ -27,7 +28,7 @@ class DataConfig:
     mix_images: int = 0                   # moving-digits: add this many color-digits images as one-frame clips
     start_grid: int = 0                   # moving-digits: start each clip with its digit on this pixel grid (0:
                                           # anywhere, as the world draws; 8: one token of the demo's model)
-    number_share: float = 0.25            # color-digits: the share of two-digit numbers among the training items
+    number_share: float = NUMBER_SHARE    # color-digits: the share of two-digit numbers among the training items
                                           # (the world draws 0.25; its validation split always does)
 
     def validate(self) -> None:
@@ -62,7 +63,7 @@ class DataConfig:
         if not 0 <= self.start_grid <= 32:
             raise ConfigError(f"data.start_grid must be 0 (starts anywhere) or a grid spacing of 1-32 px, "
                               f"got {self.start_grid}")
-        if self.number_share != 0.25 and self.dataset != "color-digits":
+        if self.number_share != NUMBER_SHARE and self.dataset != "color-digits":
             raise ConfigError("data.number_share sets the share of numbers among the color-digits world's training "
                               f"items; data.dataset = {show(self.dataset)}: leave it out")
         if not 0 <= self.number_share <= 1:

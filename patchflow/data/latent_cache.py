@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from patchflow.data.config import DataConfig
+from patchflow.data.config import NUMBER_SHARE, DataConfig
 from patchflow.paths import cache_root
 
 FORMAT = "patchflow-latent-cache"
@@ -54,7 +54,7 @@ def data_identity(cfg: DataConfig) -> dict:
         d["world_version"] = WORLD_VERSIONS[cfg.dataset]
     if cfg.start_grid:  # only when set, so the caches of runs without it keep their folder
         d["start_grid"] = cfg.start_grid
-    if cfg.number_share != 0.25:  # likewise
+    if cfg.number_share != NUMBER_SHARE:  # likewise
         d["number_share"] = cfg.number_share
     if d["path"]:
         d["path"] = str(Path(d["path"]).expanduser().resolve())
