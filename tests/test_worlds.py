@@ -492,7 +492,7 @@ def test_number_share_draws_more_numbers_in_training_only():
     def share(ds, n=600):
         return np.mean([ds.attributes(i)["kind"] == "number" for i in range(n)])
 
-    assert DataConfig().number_share == cd.NUMBER_PROBABILITY  # one default, the world's
+    assert DataConfig().number_share == ColorDigitsDataset("train").number_share == 0.25  # one default, the world's
     cfg = DataConfig(dataset="color-digits", number_share=0.5)
     cfg.validate()
     train, val = build_dataset(cfg, "train", text=True), build_dataset(cfg, "val", text=True)

@@ -5,7 +5,7 @@ import dataclasses
 
 import torch
 
-from patchflow.data.config import DataConfig
+from patchflow.data.config import NUMBER_SHARE, DataConfig
 
 
 def pixel_shape(cfg: DataConfig) -> tuple[int, int, int]:
@@ -37,7 +37,7 @@ def build_dataset(cfg: DataConfig, split: str = "train", text: bool = False) -> 
     if cfg.dataset == "color-digits":
         from patchflow.data.color_digits import ColorDigitsDataset
 
-        share = cfg.number_share if split == "train" else None  # held-out items keep the world's proportions
+        share = cfg.number_share if split == "train" else NUMBER_SHARE  # held-out items keep the world's proportions
         return ColorDigitsDataset(split=split, seed=cfg.seed, target=target, number_share=share)
     if cfg.dataset == "moving-digits":
         from patchflow.data.moving_digits import MovingDigitsDataset

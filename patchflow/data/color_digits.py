@@ -73,7 +73,6 @@ _POSITION_OF = {phrase: pos for pos, phrases in POSITION_VARIANTS.items() for ph
 CAPTION_FIELDS = ("kind", "digits", "number", "digit", "color", "color_rgb", "background", "background_rgb",
                   "position")
 COLOR_SYNONYMS = {"grey": "gray"}
-NUMBER_PROBABILITY = NUMBER_SHARE  # of an item (a training run may ask for more: `number_share`)
 CANONICAL_SHARE = 0.5  # of paraphrased captions, the share that stays canonical
 WORD_PROBABILITY = GREY_PROBABILITY = 0.5  # within a paraphrase
 
@@ -163,7 +162,7 @@ class ColorDigitsDataset(World):
     digit. `target="caption"` / `"paraphrase"` gives the caption string instead of the label.
 
     Default sizes: 20,000 train items, 1,000 validation items (`size` overrides). `number_share`: the share of
-    two-digit numbers (None: the world's 0.25).
+    two-digit numbers (the world's: 0.25).
     """
 
     WORLD = 1
@@ -171,9 +170,9 @@ class ColorDigitsDataset(World):
     parse_caption = staticmethod(parse_caption)
 
     def __init__(self, split: str = "train", seed: int = 0, size: int | None = None, target: str = "label",
-                 number_share: float | None = None):
+                 number_share: float = NUMBER_SHARE):
         super().__init__(split, seed, size, target)
-        self.number_share = NUMBER_PROBABILITY if number_share is None else float(number_share)
+        self.number_share = float(number_share)
         if not 0 <= self.number_share <= 1:
             raise ValueError(f"number_share must be in 0..1, got {number_share!r}")
 
