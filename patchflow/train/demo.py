@@ -75,9 +75,11 @@ def _demo_color_digits(out_arg, overrides, resume: bool, progress: bool) -> None
     result = evaluate_pipeline(pipe, seed=1, progress=progress)
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     print(f"sample grid: {out / 'demo_grid.png'} (rows: prompts in demo_prompts(), digits 0-9 across)")
+    lo, hi = cfg.sample.guidance_interval
+    guidance = f"{cfg.sample.guidance}" + ("" if (lo, hi) == (0, 1) else f" where t is in [{lo}, {hi}]")
     for kind, r in result.items():
-        print(f"\n{kind} held-out prompts, {cfg.sample.steps} {cfg.sample.sampler} steps, guidance "
-              f"{cfg.sample.guidance}; model vs real images:\n{r['table']}")
+        print(f"\n{kind} held-out prompts, {cfg.sample.steps} {cfg.sample.sampler} steps, guidance {guidance}; "
+              f"model vs real images:\n{r['table']}")
     print(f"\ndone in {time.perf_counter() - t0:.0f}s")
 
 
