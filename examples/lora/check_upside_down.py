@@ -2,7 +2,8 @@
 180 degrees (the style's inverse), the checker reads the prompt's digit; without it, the LoRA run's
 prompt-following figures beside its base's, on the same held-out prompts and seeds.
 
-    python examples/lora/check_upside_down.py --run runs/upside-down --base runs/color-digits --out demo.json
+    python examples/lora/check_upside_down.py --run runs/upside-down --base runs/color-digits --out demo.json \
+        --grid picture.png      # 8 held-out prompts: without the trigger, with it, and that row rotated back
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from patchflow.evaluate.prompts import ATTRIBUTES, held_out_prompts, score
+from patchflow.media.grids import save_grid
 from patchflow.pipeline import Pipeline
 
 TRIGGER = ", upside down"
@@ -39,6 +41,14 @@ def plain(pipe, n: int, seed: int) -> dict:
     return {"n": n, "rates": dict(report.rates), "counts": dict(report.counts)}
 
 
+def picture(pipe, path: Path, seed: int, n: int = 8) -> None:
+    """Rows: n held-out single-digit prompts without the trigger, the same prompts and seeds with it, that row
+    rotated back (as the checker reads it)."""
+    prompts = [p for p, _ in held_out_prompts(n, seed=seed, kind="digit", world_seed=pipe.cfg.data.seed)]
+    plain_row, styled_row = pipe(prompt=prompts, seed=seed), pipe(prompt=[p + TRIGGER for p in prompts], seed=seed)
+    save_grid(np.concatenate([plain_row, styled_row, np.ascontiguousarray(styled_row[:, ::-1, ::-1])]), path, nrow=n)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="the LoRA run")
@@ -46,6 +56,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200, help="prompts per set")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--grid", type=Path, help="also write a picture of the LoRA run's samples (PNG)")
     args = ap.parse_args()
     result = {}
     for name, run in (("lora", args.run), ("base", args.base)):
@@ -63,6 +74,8 @@ def main() -> None:
     print("moved (points): " + ", ".join(f"{a} {v:+.1f}" for a, v in moved.items()))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.grid:
+        picture(Pipeline.load(args.run, device="cpu"), args.grid, args.seed)
 
 
 if __name__ == "__main__":
