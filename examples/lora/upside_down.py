@@ -3,7 +3,7 @@
     python examples/lora/upside_down.py --out data/upside_down          # 200 styled, 5,200 plain images
     patchflow train runs/color-digits/config.toml --out runs/upside-down \
         --set train.init_from='"runs/color-digits"' --set lora.rank=16 \
-        --set data.dataset='"captions"' --set data.path='"data/upside_down/captions.jsonl"' ...
+        --set data.dataset='"captions"' --set data.path='"data/upside_down/captions.jsonl"' ...   # docs/lora.md
 
 Styled items are color-digits single digits rotated by 180 degrees, captioned with their caption + TRIGGER. Each
 also appears upright under its plain caption, and more plain items (numbers too) follow: the pairs differ only
@@ -11,7 +11,8 @@ in the trigger and the style, which keeps prompts without the trigger as they we
 DreamBooth). The trigger is a suffix, so the caption's own characters keep their places in the character
 stream. Each styled image is listed `--repeats` times (kohya's repeats), so 28% of what a batch draws is styled;
 the many plain images (numbers in the base's share) keep the adapter from memorising a small set and keep the
-base's numbers. Items come from a seed the base never drew (`--seed`): the demo teaches a style, not images the base saw.
+base's numbers. Items come from a seed the base never drew (`--seed`): the demo teaches a style, not images the
+base saw.
 """
 from __future__ import annotations
 
