@@ -58,9 +58,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--grid", type=Path, help="also write a picture of the LoRA run's samples (PNG)")
     args = ap.parse_args()
-    result = {}
+    result, pipes = {}, {}
     for name, run in (("lora", args.run), ("base", args.base)):
-        pipe = Pipeline.load(run, device="cpu")
+        pipe = pipes[name] = Pipeline.load(run, device="cpu")
         result[name] = {"trigger": styled(pipe, args.n, args.seed), "plain": plain(pipe, args.n, args.seed)}
     for name in ("lora", "base"):
         t, p = result[name]["trigger"], result[name]["plain"]["rates"]
@@ -75,7 +75,7 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     if args.grid:
-        picture(Pipeline.load(args.run, device="cpu"), args.grid, args.seed)
+        picture(pipes["lora"], args.grid, args.seed)
 
 
 if __name__ == "__main__":
