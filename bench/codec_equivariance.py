@@ -35,7 +35,8 @@ def measure(spec: str, clips: np.ndarray, prompts: list[str]) -> dict:
     codec = codecs.load(spec)
     f, n, t = codec.space_factor, clips.shape[0], clips.shape[1]
     x = torch.from_numpy(clips).float().div(127.5).sub(1).flatten(0, 1).permute(0, 3, 1, 2)[:, :, None]  # frames
-    mean = torch.cat([codec.encode_moments(b)[0] for b in x.split(64)])
+    encode = lambda v: torch.cat([codec.encode_moments(b)[0] for b in v.split(64)])  # posterior means, in batches
+    mean = encode(x)
     recon = torch.cat([codec.decode_raw(m).clamp(-1, 1) for m in mean.split(64)])
     mse = (recon - x).pow(2).mean().item() / 4  # the squared error of [0, 1] pixels
     pixels = ((recon[:, :, 0] + 1) * 127.5).round().byte().permute(0, 2, 3, 1).reshape(n, t, *clips.shape[2:])
@@ -45,8 +46,7 @@ def measure(spec: str, clips: np.ndarray, prompts: list[str]) -> dict:
     for px in range(1, 5):
         errs = []
         for dy, dx in ((0, px), (px, 0), (0, -px), (-px, 0)):
-            moved = torch.cat([codec.encode_moments(b)[0] for b in shift(x, dy, dx).split(64)])
-            errs.append(((moved - shift(mean, dy / f, dx / f)).pow(2).mean() / ref).item())
+            errs.append(((encode(shift(x, dy, dx)) - shift(mean, dy / f, dx / f)).pow(2).mean() / ref).item())
         out[f"equivariance_{px}px"] = float(np.mean(errs))
     return out
 

@@ -17,8 +17,8 @@ from patchflow.data.color_digits import ColorDigitsDataset
 from patchflow.evaluate.prompts import ATTRIBUTES, held_out_prompts, score
 from patchflow.media.grids import save_grid
 from patchflow.pipeline import Pipeline
+from upside_down import TRIGGER, styled as rotated  # the data script beside this one: one trigger, one rotation
 
-TRIGGER = ", upside down"
 SYMMETRIC = (0, 1, 8)  # digits that read the same upside down: they show the style without it too
 
 
@@ -27,7 +27,7 @@ def styled(pipe, n: int, seed: int) -> dict:
     pairs = held_out_prompts(n, seed=seed, kind="digit", world_seed=pipe.cfg.data.seed)
     prompts = [p for p, _ in pairs]
     images = pipe(prompt=[p + TRIGGER for p in prompts], seed=seed)
-    back = score(np.ascontiguousarray(images[:, ::-1, ::-1]), prompts)
+    back = score(rotated(images), prompts)
     upright = score(images, prompts)
     asym = [r.correct["digit"] for r, (_, a) in zip(back.records, pairs) if a["digit"] not in SYMMETRIC]
     return {"n": n, "rotated_back": {a: back.rates[a] for a in ATTRIBUTES if a != "number"},
@@ -55,11 +55,11 @@ def sdedit(pipe, n: int, strengths: list[float], seed: int) -> dict:
         if len(items) == n:
             break
     prompts = [world.caption(i) for i in items]
-    rotated = np.stack([world.render(i)[0][::-1, ::-1] for i in items])
+    upside_down = rotated(np.stack([world.render(i)[0] for i in items]))
     out = {}
     for s in strengths:
-        images = pipe(prompt=[p + TRIGGER for p in prompts], init_image=rotated, strength=s, seed=seed)
-        out[str(s)] = score(np.ascontiguousarray(images[:, ::-1, ::-1]), prompts).rates["digit"]
+        images = pipe(prompt=[p + TRIGGER for p in prompts], init_image=upside_down, strength=s, seed=seed)
+        out[str(s)] = score(rotated(images), prompts).rates["digit"]
     return out
 
 
@@ -68,7 +68,7 @@ def picture(pipe, path: Path, seed: int, n: int = 8) -> None:
     rotated back (as the checker reads it)."""
     prompts = [p for p, _ in held_out_prompts(n, seed=seed, kind="digit", world_seed=pipe.cfg.data.seed)]
     plain_row, styled_row = pipe(prompt=prompts, seed=seed), pipe(prompt=[p + TRIGGER for p in prompts], seed=seed)
-    save_grid(np.concatenate([plain_row, styled_row, np.ascontiguousarray(styled_row[:, ::-1, ::-1])]), path, nrow=n)
+    save_grid(np.concatenate([plain_row, styled_row, rotated(styled_row)]), path, nrow=n)
 
 
 def main() -> None:

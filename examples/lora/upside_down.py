@@ -29,8 +29,8 @@ TRIGGER = ", upside down"
 
 
 def styled(rgb: np.ndarray) -> np.ndarray:
-    """The style: a 180-degree rotation (its own inverse). rgb: (H, W, 3) -> (H, W, 3)."""
-    return np.ascontiguousarray(rgb[::-1, ::-1])
+    """The style: a 180-degree rotation (its own inverse). rgb: (..., H, W, 3) -> the same shape."""
+    return np.ascontiguousarray(rgb[..., ::-1, ::-1, :])
 
 
 def make(out: Path, n_styled: int = 200, n_plain: int = 5000, seed: int = 7, repeats: int = 10,

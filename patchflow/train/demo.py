@@ -64,6 +64,13 @@ def demo_prompts() -> list[str]:
                                             ("white", "red")])]
 
 
+def _sampling(s) -> str:
+    """How a text demo samples, for its printout: '28 euler steps, guidance 5.0 where t is in [0.5, 1.0]'."""
+    lo, hi = s.guidance_interval
+    return (f"{s.steps} {s.sampler} steps, guidance {s.guidance}"
+            + ("" if (lo, hi) == (0, 1) else f" where t is in [{lo}, {hi}]"))
+
+
 def _demo_color_digits(out_arg, overrides, resume: bool, progress: bool) -> None:
     """Train the color-digits text-to-image preset (its codec first when none is cached), write a sample grid, and
     score prompt following on held-out prompts beside the real images."""
@@ -75,11 +82,8 @@ def _demo_color_digits(out_arg, overrides, resume: bool, progress: bool) -> None
     result = evaluate_pipeline(pipe, seed=1, progress=progress)
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     print(f"sample grid: {out / 'demo_grid.png'} (rows: prompts in demo_prompts(), digits 0-9 across)")
-    lo, hi = cfg.sample.guidance_interval
-    guidance = f"{cfg.sample.guidance}" + ("" if (lo, hi) == (0, 1) else f" where t is in [{lo}, {hi}]")
     for kind, r in result.items():
-        print(f"\n{kind} held-out prompts, {cfg.sample.steps} {cfg.sample.sampler} steps, guidance {guidance}; "
-              f"model vs real images:\n{r['table']}")
+        print(f"\n{kind} held-out prompts, {_sampling(cfg.sample)}; model vs real images:\n{r['table']}")
     print(f"\ndone in {time.perf_counter() - t0:.0f}s")
 
 
@@ -118,7 +122,7 @@ def _demo_moving_digits(out_arg, overrides, resume: bool, progress: bool) -> Non
     frames = 8
     clips = pipe(prompt=demo_video_prompts(), frames=frames, seed=0)
     save_grid(clips, out / "demo_clips.gif", nrow=4)
-    print(f"{cfg.sample.steps} {cfg.sample.sampler} steps, guidance {cfg.sample.guidance}")
+    print(_sampling(cfg.sample))
     result = score_video(pipe, 300, frames, seed=1, steps=None, guidance=None, progress=progress)
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     print(f"\nclips of demo_video_prompts(): {out / 'demo_clips.gif'}")
