@@ -21,6 +21,7 @@ import torch
 from patchflow import codecs
 from patchflow.data.moving_digits import MovingDigitsDataset
 from patchflow.evaluate.clips import score_clips
+from patchflow.pipeline import to_uint8
 from patchflow.train.codec_model import shift
 
 
@@ -33,15 +34,15 @@ def real_clips(n: int) -> tuple[np.ndarray, list[str]]:
 @torch.no_grad()
 def measure(spec: str, clips: np.ndarray, prompts: list[str]) -> dict:
     codec = codecs.load(spec)
-    f, n, t = codec.space_factor, clips.shape[0], clips.shape[1]
+    f = codec.space_factor
     x = torch.from_numpy(clips).float().div(127.5).sub(1).flatten(0, 1).permute(0, 3, 1, 2)[:, :, None]  # frames
     encode = lambda v: torch.cat([codec.encode_moments(b)[0] for b in v.split(64)])  # posterior means, in batches
     mean = encode(x)
     recon = torch.cat([codec.decode_raw(m).clamp(-1, 1) for m in mean.split(64)])
     mse = (recon - x).pow(2).mean().item() / 4  # the squared error of [0, 1] pixels
-    pixels = ((recon[:, :, 0] + 1) * 127.5).round().byte().permute(0, 2, 3, 1).reshape(n, t, *clips.shape[2:])
+    pixels = to_uint8(recon).reshape(clips.shape)  # each frame a one-frame clip: (n * t, 1, H, W, 3) -> clips'
     out = {"codec": spec, "psnr_db": 10 * np.log10(1 / mse),
-           "digit_frames": score_clips(pixels.numpy(), prompts).rates["digit_frames"]}
+           "digit_frames": score_clips(pixels, prompts).rates["digit_frames"]}
     ref = mean.pow(2).mean()
     for px in range(1, 5):
         errs = []

@@ -15,14 +15,10 @@ import torch
 from PIL import Image
 
 from patchflow.data.worlds import COLORS
+from patchflow.pipeline import to_uint8
 
 PALETTE = np.array(list(COLORS.values()), dtype=np.float64)
 NAMES = list(COLORS)
-
-
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(N, C, T, H, W) in [-1, 1] -> uint8 (N, T, H, W, C)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
@@ -88,8 +84,8 @@ def _scores(codec, world: str, n: int, frames: int, classifier) -> dict:
         x, labels = data.images[:n], data.labels[:n].numpy()
         recon = reconstruct(codec, x)
         return {"world": world, "n": n, "psnr_db": float(psnr(recon, x).mean()),
-                "compression": codec.compression(tuple(x.shape)), "accuracy_original": accuracy(_to_uint8(x)[:, 0], labels),
-                "accuracy_reconstructed": accuracy(_to_uint8(recon)[:, 0], labels)}
+                "compression": codec.compression(tuple(x.shape)), "accuracy_original": accuracy(to_uint8(x)[:, 0], labels),
+                "accuracy_reconstructed": accuracy(to_uint8(recon)[:, 0], labels)}
     if world == "color-digits":
         from patchflow.data.color_digits import ColorDigitsDataset
 
@@ -103,7 +99,7 @@ def _scores(codec, world: str, n: int, frames: int, classifier) -> dict:
     n = min(n, len(data))
     x = torch.stack([data[i][0] for i in range(n)])
     recon = reconstruct(codec, x)
-    orig8, recon8 = _to_uint8(x), _to_uint8(recon)
+    orig8, recon8 = to_uint8(x), to_uint8(recon)
     crops_o, crops_r, labels, stroke_err, bg_err, color_ok, bg_ok = [], [], [], [], [], [], []
     for i in range(n):
         a = data.attributes(i)
