@@ -49,7 +49,7 @@ def main() -> None:
         print(f"{name:28s} median step {1000 * med:7.1f} ms ({med / base:.3f}x)")
 
     cfg = trainers["REPA off"].cfg  # both sides read the same data
-    encoder = load_vision_encoder(args.encoder, cfg.data, progress=False).eval()
+    encoder = load_vision_encoder(args.encoder, cfg.data, progress=False, world_steps=cfg.repa.world_steps).eval()
     images, _ = training_images(cfg.data, cfg.train.batch_size, seed=0)  # every frame of a clip is one image
     times = []
     with torch.no_grad():

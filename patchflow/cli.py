@@ -134,7 +134,8 @@ def cache_features(cfg, args) -> None:
         raise ConfigError(f"{args.config} has no repa.encoder: set one (e.g. --set repa.encoder=\"world\") to cache "
                           f"its features")
     codec = None if cfg.codec.source == "identity" else ensure_codec(cfg.codec.source, progress=not args.quiet)
-    encoder = load_vision_encoder(cfg.repa.encoder, cfg.data, progress=not args.quiet)
+    encoder = load_vision_encoder(cfg.repa.encoder, cfg.data, progress=not args.quiet,
+                                  world_steps=cfg.repa.world_steps)
     t0 = time.perf_counter()
     per_token, latent_frames = feature_grid(cfg, codec)
     into = None if args.features == "auto" else Path(args.features).expanduser()

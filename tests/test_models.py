@@ -214,3 +214,24 @@ def test_video_compiled_blocks_match_eager_without_recompiling_per_shape():
     with torch.no_grad():  # aot_eager: the graph capture is what is tested, not inductor's kernels
         graphs = graphs_per_case(model, args, backend="aot_eager")
     assert graphs[0] >= 1 and graphs[-1] == graphs[0]
+
+
+@pytest.mark.parametrize("keys", [16, 64])
+def test_short_bf16_training_attention_runs_in_fp32_and_sampling_runs_as_given(keys):
+    from patchflow.models.attention import SHORT_KEYS, sdpa
+
+    sdpa_ref = torch.nn.functional.scaled_dot_product_attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, keys, 8, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    mask = torch.rand(2, 1, keys, keys, generator=g) > 0.2
+    mask[..., 0] = True  # every query sees a key
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sdpa(q, k, v, mask)
+    assert keys <= SHORT_KEYS and out.dtype == torch.bfloat16
+    assert torch.equal(out, sdpa_ref(q.float(), k.float(), v.float(), attn_mask=mask).bfloat16())
+    exact = sdpa_ref(q.double(), k.double(), v.double(), attn_mask=mask)
+    torch.testing.assert_close(out.double(), exact, rtol=2 ** -8, atol=1e-6)  # one bf16 rounding of the result
+    out.float().square().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # sampling: PyTorch's call on bf16 inputs
+        assert torch.equal(sdpa(q, k, v, mask), sdpa_ref(q, k, v, attn_mask=mask))

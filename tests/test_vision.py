@@ -197,3 +197,23 @@ def test_patchflow_encoder_writes_a_directory_a_run_can_name(tmp_path, capsys):
     assert load_vision_encoder(str(tmp_path / "enc"), load_config("digits").data).dim == 128
     assert main(["encoder", "digits", "--out", str(tmp_path / "bad"), "--steps", "0"]) == 2
     assert "--steps must be >= 1" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_world_steps_picks_the_cached_world_encoder_and_trains_it_once(tmp_path, digits, monkeypatch):
+    import json
+
+    from patchflow.checks import ConfigError
+    from patchflow.vision.world import default_world_dir
+
+    monkeypatch.setenv("PATCHFLOW_CACHE", str(tmp_path))
+    encoder = load_vision_encoder("world", digits, progress=False, world_steps=2)
+    directory = default_world_dir(digits, WorldRecipe(steps=2))
+    assert directory != default_world_dir(digits) and directory.is_dir()  # another key than the 200-step default
+    assert json.loads((directory / "encoder.json").read_text())["recipe"]["steps"] == 2
+    stamp = (directory / "encoder.safetensors").stat().st_mtime_ns
+    again = load_vision_encoder("world", digits, progress=False, world_steps=2)  # read from the cache, not retrained
+    assert (directory / "encoder.safetensors").stat().st_mtime_ns == stamp
+    assert again.identity() == encoder.identity()
+    assert load_config("digits").repa.world_steps == 100  # the preset's
+    with pytest.raises(ConfigError, match="repa.world_steps"):
+        load_config("digits", ["repa.world_steps=0"])

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from patchflow.models.attention import Attention, HeadRMSNorm
+from patchflow.models.attention import Attention, HeadRMSNorm, sdpa
 from patchflow.models.blocks import Mlp, modulate, xavier_linears, zero_linears
 from patchflow.models.embed import CroppedPositions, PatchEmbed, TimestepEmbedder, unpatchify
 from patchflow.models.plumbing import BlockRunner
@@ -66,8 +66,8 @@ class CrossAttention(nn.Module):
         q = self.q_norm(self.q(x).unflatten(-1, heads))  # (B, N, H, hd)
         k, v = self.kv(text).unflatten(-1, (2, *heads)).unbind(2)  # each (B, L, H, hd)
         # (B, S, H, hd) -> (B, H, S, hd) as strided views: SDPA reads them in place
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=key_mask)
+        out = sdpa(q.transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2),
+                                             key_mask)
         return self.proj(out.transpose(1, 2).flatten(2))
 
 

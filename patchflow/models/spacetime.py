@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from patchflow.models.attention import Attention
+from patchflow.models.attention import Attention, sdpa
 from patchflow.models.blocks import modulate, per_token
 from patchflow.models.embed import sincos_1d
 
@@ -69,20 +68,13 @@ def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 
 # ---- attention ---------------------------------------------------------------------------------------------------
-SHORT = 512  # keys; on CPUs the math kernel is 1.2-3.6x faster than the flash kernel for short sequences
-# (bench/video_step.py), whose many small tiles (temporal attention: 8 keys) it handles poorly
-
-
 def _sdpa(q, k, v, mask=None):
     """(B, S, H, hd) in and out; `mask` a boolean (B or 1, 1, Sq, Sk), or a flex_attention BlockMask."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if mask is not None and not isinstance(mask, torch.Tensor):
         out = _flex()(q, k, v, block_mask=mask)
-    elif q.device.type == "cpu" and k.shape[2] <= SHORT:
-        with sdpa_kernel(SDPBackend.MATH):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = sdpa(q, k, v, mask)
     return out.transpose(1, 2)
 
 

@@ -17,6 +17,8 @@ class RepaConfig:
     cross_frame: float = 0.0              # clips (CREPA): weight of aligning each frame's tokens with the features of
                                           # its neighbouring frames, beside its own
     cross_frame_window: int = 1           # ... neighbours up to this many token frames away, weighted exp(-distance)
+    world_steps: int = 200                # encoder = "world": the world encoder's training steps (its cache key holds
+                                          # them)
     cache: str = "auto"                   # encoder features of the clean items: "auto" ($PATCHFLOW_CACHE/features),
                                           # or a directory (`patchflow cache CONFIG --features DIR` builds it)
 
@@ -28,6 +30,7 @@ class RepaConfig:
         positive("repa.depth", self.depth)
         positive("repa.projector_dim", self.projector_dim)
         positive("repa.cross_frame_window", self.cross_frame_window)
+        positive("repa.world_steps", self.world_steps)
         for key in ("weight", "cross_frame"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"repa.{key} must be >= 0, got {getattr(self, key)}")

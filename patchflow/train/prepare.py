@@ -60,11 +60,13 @@ def prepare(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress:
     if cfg.repa.enabled:  # the main process trains a missing world encoder; the others then read it
         from patchflow.vision import load_vision_encoder
 
+        steps = cfg.repa.world_steps
         if dist.main:
-            setup.vision = load_vision_encoder(cfg.repa.encoder, cfg.data, progress=progress)
+            setup.vision = load_vision_encoder(cfg.repa.encoder, cfg.data, progress=progress, world_steps=steps)
         distributed.barrier(dist)
         if not dist.main:
-            setup.vision = load_vision_encoder(cfg.repa.encoder, cfg.data, progress=False, train_missing=False)
+            setup.vision = load_vision_encoder(cfg.repa.encoder, cfg.data, progress=False, train_missing=False,
+                                               world_steps=steps)
     if cfg.codec.source != "identity":  # the main process writes the run's copy of its codec; the others read it
         if dist.main:
             setup.codec = codec_for_run(cfg, out, resume, get_codec, main=True)

@@ -12,18 +12,21 @@ from patchflow.vision.world import (WorldEncoder, WorldRecipe, default_world_dir
 __all__ = ["VisionEncoder", "VisionError", "WorldRecipe", "load_vision_encoder", "train_world_encoder"]
 
 
-def load_vision_encoder(spec: str, data_cfg, progress: bool = True, train_missing: bool = True) -> VisionEncoder:
-    """repa.encoder: "world" (the data set's world encoder, trained into $PATCHFLOW_CACHE the first time when
-    `train_missing`) or a directory (a transformers vision model, or one `patchflow encoder` wrote)."""
+def load_vision_encoder(spec: str, data_cfg, progress: bool = True, train_missing: bool = True,
+                        world_steps: int = WorldRecipe.steps) -> VisionEncoder:
+    """repa.encoder: "world" (the data set's world encoder of `world_steps` training steps, trained into
+    $PATCHFLOW_CACHE the first time when `train_missing`) or a directory (a transformers vision model, or one
+    `patchflow encoder` wrote)."""
     spec = spec.strip()
     if spec == "world":
-        directory = default_world_dir(data_cfg)
+        recipe = WorldRecipe(steps=world_steps)
+        directory = default_world_dir(data_cfg, recipe)
         if not is_world_dir(directory):
             if not train_missing:
                 raise VisionError(f"the world encoder {directory} is missing; the main process trains it")
             if progress:
                 print(f"training the world encoder of {data_cfg.dataset} into {directory} (once)")
-            train_world_encoder(data_cfg, directory, progress=progress)
+            train_world_encoder(data_cfg, directory, recipe, progress=progress)
         return WorldEncoder(directory)
     path = Path(spec).expanduser()
     if not path.is_dir():
