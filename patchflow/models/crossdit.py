@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from patchflow.models.attention import Attention, HeadRMSNorm, sdpa
 from patchflow.models.blocks import Mlp, modulate, xavier_linears, zero_linears
@@ -66,8 +65,7 @@ class CrossAttention(nn.Module):
         q = self.q_norm(self.q(x).unflatten(-1, heads))  # (B, N, H, hd)
         k, v = self.kv(text).unflatten(-1, (2, *heads)).unbind(2)  # each (B, L, H, hd)
         # (B, S, H, hd) -> (B, H, S, hd) as strided views: SDPA reads them in place
-        out = sdpa(q.transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2),
-                                             key_mask)
+        out = sdpa(q.transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2), key_mask)
         return self.proj(out.transpose(1, 2).flatten(2))
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from patchflow.models.attention import Attention, HeadRMSNorm, sdpa
 from patchflow.models.blocks import Mlp, modulate, per_token
@@ -61,8 +60,7 @@ class JointAttention(nn.Module):
             q = torch.cat([q, tq], dim=1) if tq is not None else q
             k, v = torch.cat([k, tk], dim=1), torch.cat([v, tv], dim=1)
             # (B, S, H, hd) -> (B, H, S, hd) as strided views: SDPA reads them in place
-            out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 attn_mask)
+            out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask)
             out = out.transpose(1, 2).flatten(2)  # (B, S, D)
             # each stream's rows copied out contiguous: a Linear on a strided slice falls back to a batched matmul
             image, txt = out[:, :n].contiguous(), out[:, n:].contiguous() if self.text_out else None
