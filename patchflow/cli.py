@@ -155,7 +155,7 @@ def cmd_encoder(args) -> None:
     from patchflow.vision import WorldRecipe, train_world_encoder
 
     cfg = load_config(args.config, args.set)
-    recipe = WorldRecipe()
+    recipe = WorldRecipe(steps=cfg.repa.world_steps)  # the encoder `repa.encoder = "world"` would train
     for key in ("steps", "batch_size"):
         value = getattr(args, key)
         if value is not None:
@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="a TOML file or a shipped preset name: its [data] section is trained on")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", required=True, help="directory to write (encoder.json, encoder.safetensors)")
-    p.add_argument("--steps", type=int, help="training steps (default 200)")
+    p.add_argument("--steps", type=int, help="training steps (default: the config's repa.world_steps, 200 unless set)")
     p.add_argument("--batch-size", type=int, help="images per step (default 128)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_encoder)

@@ -197,6 +197,10 @@ def test_patchflow_encoder_writes_a_directory_a_run_can_name(tmp_path, capsys):
     assert load_vision_encoder(str(tmp_path / "enc"), load_config("digits").data).dim == 128
     assert main(["encoder", "digits", "--out", str(tmp_path / "bad"), "--steps", "0"]) == 2
     assert "--steps must be >= 1" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    # without --steps, the config's repa.world_steps: the encoder `repa.encoder = "world"` would train
+    assert main(["encoder", "digits", "--out", str(tmp_path / "cfg"), "--batch-size", "8", "--quiet",
+                 "--set", "repa.world_steps=3"]) == 0
+    assert '"steps": 3' in (tmp_path / "cfg" / "encoder.json").read_text()
 
 
 def test_world_steps_picks_the_cached_world_encoder_and_trains_it_once(tmp_path, digits, monkeypatch):
