@@ -14,8 +14,8 @@ SHORT_KEYS = 160
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """PyTorch's scaled_dot_product_attention; q: (B, H, Sq, hd), k, v: (B, H, Sk, hd) -> (B, H, Sq, hd) in q's dtype.
-    Under bf16 autocast on a CPU, a step that needs gradients and attends over at most SHORT_KEYS keys computes the
-    attention in fp32 (same kernel, more exact, faster there); everything else runs as given."""
+    On a CPU, bf16 or fp16 inputs (autocast's) that need gradients and at most SHORT_KEYS keys are attended in fp32
+    (same kernel, more exact, faster there); everything else runs as given."""
     if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and k.shape[-2] <= SHORT_KEYS
             and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         if attn_mask is not None and attn_mask.is_floating_point():
